@@ -1,0 +1,90 @@
+"""The application factory, its resources and the server runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import suppress
+
+from aiohttp import web
+
+from linger import __version__, db, errors
+from linger.broker import Broker
+from linger.config import Settings
+from linger.driver import Driver
+from linger.notifier import Notifier
+from linger.storage import Storage
+from linger.web import BROKER, ROUTES, SERVER_ID, SETTINGS, STARTED, error_middleware
+
+logger = logging.getLogger(__name__)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
+
+
+def _resources(clock: Callable[[], float]) -> Callable[[web.Application],
+                                                       AsyncIterator[None]]:
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
+        try:
+            await db.prepare(engine, migrate=settings.migrate)
+            async with engine.begin() as conn:
+                app[SERVER_ID] = await db.server_id(conn, uuid.uuid4().hex)
+            broker = Broker(Storage(Driver(engine), clock), Notifier(), hlm=settings.hlm,
+                            poll_interval=settings.poll_interval)
+            app[BROKER] = broker
+            poller = asyncio.create_task(broker.run_poller())
+            sweeper = asyncio.create_task(broker.run_sweeper(settings.sweep_interval))
+            logger.info("Linger %s on http://%s:%d, database %s", __version__, settings.host,
+                        settings.port, settings.db_display)
+            yield
+            await _stop(poller)
+            await _stop(sweeper)
+        finally:
+            await engine.dispose()
+
+    return resources
+
+
+async def _wake_waiters(app: web.Application) -> None:
+    """Answer every long-polling consumer (204) before the server stops."""
+    if BROKER in app:
+        app[BROKER].notifier.close()
+
+
+def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
+    """The Linger application; its database is opened when the app starts."""
+    app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 8190})
+    app[SETTINGS] = settings
+    app[STARTED] = time.time()
+    app.cleanup_ctx.append(_resources(clock))
+    app.on_shutdown.append(_wake_waiters)
+    app.router.add_routes(ROUTES)
+    return app
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM; exit 1 with one line when the database is unusable."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is optional
+        uvloop = None
+    access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
+    try:
+        web.run_app(
+            create_app(settings), host=settings.host, port=settings.port,
+            access_log=access_log, shutdown_timeout=5, print=None,
+            loop=uvloop.new_event_loop() if uvloop else None,
+        )
+    except (errors.SchemaOutdated, errors.Unavailable) as error:
+        sys.exit(f"linger: {error}")
+    except OSError as error:
+        sys.exit(f"linger: cannot start: {error}")

@@ -1,0 +1,128 @@
+"""Broker: storage plus wake-ups; knows "notify after commit" and the long-poll loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from linger import errors
+from linger.notifier import Notifier
+from linger.storage import Message, Options, Storage
+
+logger = logging.getLogger(__name__)
+
+# The ready-message query of the poller names at most this many channels at once.
+_POLL_BATCH = 500
+
+
+class Broker:
+    """Adds, long-poll gets and publishes; counts this process's events in ``counters``."""
+
+    def __init__(
+        self, storage: Storage, notifier: Notifier, *, hlm: int = 0, poll_interval: float = 1.0
+    ) -> None:
+        self.storage = storage
+        self.notifier = notifier
+        self.hlm = hlm
+        self.poll_interval = poll_interval
+        self.counters: Counter[str] = Counter()
+
+    async def add(self, channel: str, body: bytes, content_type: str, options: Options) -> int:
+        """Store a message and wake one consumer waiting on its channel."""
+        message_id = await self.storage.add_message(channel, body, content_type, options,
+                                                    self.hlm)
+        self.counters["msg-add"] += 1
+        self.notifier.notify(channel)
+        return message_id
+
+    async def publish(self, topic: str, body: bytes, content_type: str) -> dict[str, int]:
+        """Copy a message to every subscribed channel and wake their consumers."""
+        ids, skipped = await self.storage.publish(topic, body, content_type, self.hlm)
+        self.counters["publish"] += 1
+        if skipped:
+            self.counters["publish-skipped"] += len(skipped)
+            logger.warning("publish to %r skipped channels at the high-level mark: %s",
+                           topic, ", ".join(skipped))
+        for channel in ids:
+            self.notifier.notify(channel)
+        return ids
+
+    async def get(
+        self, channel: str, *, wait: float, alive: Callable[[], bool]
+    ) -> Message | None:
+        """Deliver the next message of ``channel``, waiting up to ``wait`` seconds for one.
+
+        Waiting holds no database connection: the waiter sleeps until an add in this
+        process, the poller or shutdown wakes it, then claims again (another consumer may
+        have been faster). A waiter whose client has gone claims nothing.
+        """
+        self.counters["msg-get"] += 1
+        if wait <= 0:
+            return self._delivered(await self.storage.claim_message(channel))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        async with self.notifier.waiter(channel, alive) as waiter:
+            message = await self.storage.claim_message(channel)
+            if message is None:
+                await self.storage.mark_polled(channel, wait)
+            while message is None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), remaining)
+                except TimeoutError:
+                    return None
+                if self.notifier.closed or not alive():
+                    return None
+                waiter.event.clear()
+                message = await self.storage.claim_message(channel)
+        return self._delivered(message)
+
+    def _delivered(self, message: Message | None) -> Message | None:
+        if message is not None:
+            self.counters["delivered"] += 1
+            if message.deliveries > 1:
+                self.counters["msg-timeouts"] += 1
+        return message
+
+    async def poll_once(self) -> None:
+        """Wake waiters of channels where messages became ready without an add in this
+        process (visibility timeouts ran out, other processes added), and drop waiters
+        whose client disconnected."""
+        self.notifier.prune()
+        waiting = self.notifier.channels()
+        names = list(waiting)
+        for start in range(0, len(names), _POLL_BATCH):
+            ready = await self.storage.ready_counts(names[start : start + _POLL_BATCH])
+            for channel, count in ready.items():
+                self.notifier.notify(channel, min(count, waiting[channel]))
+
+    async def run_poller(self) -> None:
+        while not self.notifier.closed:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.poll_once()
+            except errors.Unavailable as error:
+                logger.warning("poller: %s", error)
+            except Exception:
+                logger.exception("poller failed")
+
+    async def sweep(self) -> None:
+        retention, discarded = await self.storage.sweep()
+        self.counters["msg-retention"] += retention
+        self.counters["msg-discarded"] += discarded
+
+    async def run_sweeper(self, interval: float) -> None:
+        """Delete expired messages every ``interval`` seconds; a failed sweep is logged
+        and the next one runs as usual."""
+        while True:
+            try:
+                await self.sweep()
+            except errors.Unavailable as error:
+                logger.warning("sweeper: %s", error)
+            except Exception:
+                logger.exception("sweep failed")
+            await asyncio.sleep(interval)

@@ -1,0 +1,37 @@
+"""Settings: one frozen dataclass, built by the CLI (or tests) and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+DEFAULT_DB = "sqlite+aiosqlite://"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8989
+    db: str = DEFAULT_DB
+    hlm: int = 0
+    max_size: int = 262_144
+    poll_max: float = 120.0
+    poll_interval: float = 1.0
+    sweep_interval: float = 1.0
+    sqlite_sync: str = "FULL"
+    migrate: bool = False
+    access_log: bool = False
+    log_level: str = "INFO"
+
+    @property
+    def db_display(self) -> str:
+        """The database in use, password hidden."""
+        url = sa.make_url(self.db)
+        if url.get_backend_name() == "sqlite":
+            return url.database or ":memory:"
+        return url.render_as_string(hide_password=True)
+
+
+def sqlite_url(path: str) -> str:
+    return f"sqlite+aiosqlite:///{path}"

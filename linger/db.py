@@ -1,0 +1,193 @@
+"""Schema (SQLAlchemy Core tables), engine creation and migrations."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+from linger import errors
+
+logger = logging.getLogger(__name__)
+
+NAME_LENGTH = 250
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only reuses no id when the rowid column is an AUTOINCREMENT INTEGER PRIMARY KEY.
+_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# Times are integer milliseconds since the epoch, computed from Linger's clock, so that
+# the SQL is the same on every backend and tests can move time without sleeping.
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("channel", sa.String(NAME_LENGTH), nullable=False),
+    sa.Column("priority", sa.BigInteger, nullable=False),
+    sa.Column("timeout", sa.BigInteger, nullable=False),
+    sa.Column("deliver", sa.BigInteger, nullable=False),
+    sa.Column("linger", sa.BigInteger, nullable=False),
+    sa.Column("topic", sa.String(NAME_LENGTH), nullable=False),
+    sa.Column("content_type", sa.Text, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    # Ready when visible_at <= now; hidden (delivered, in its visibility timeout) otherwise.
+    sa.Column("visible_at", sa.BigInteger, nullable=False),
+    # Not deliverable, counted or deletable from dead_at on: the retention end, or the end
+    # of the last allowed delivery's timeout. NULL: never. The sweeper deletes dead rows.
+    sa.Column("dead_at", sa.BigInteger, nullable=True),
+    sa.Column("deliveries", sa.BigInteger, nullable=False),
+    # The claim orders by (priority, id) within a channel: this index yields rows in that
+    # order and checks visible_at in the index, so a claim reads O(1) rows past the hidden
+    # ones whatever the depth of this and other channels.
+    sa.Index(None, "channel", "priority", "id", "visible_at"),
+    sa.Index(None, "dead_at"),
+    sqlite_autoincrement=True,
+)
+
+channels = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("name", sa.String(NAME_LENGTH), primary_key=True),
+    # Last time a consumer long-polled the channel; it is listed for 180 s after that.
+    sa.Column("polled_at", sa.BigInteger, nullable=False),
+)
+
+subscriptions = sa.Table(
+    "subscriptions",
+    metadata,
+    sa.Column("topic", sa.String(NAME_LENGTH), primary_key=True),
+    sa.Column("channel", sa.String(NAME_LENGTH), primary_key=True),
+    sa.Column("priority", sa.BigInteger, nullable=False),
+    sa.Column("timeout", sa.BigInteger, nullable=False),
+    sa.Column("deliver", sa.BigInteger, nullable=False),
+    sa.Column("linger", sa.BigInteger, nullable=False),
+    sa.Index(None, "channel"),
+)
+
+server = sa.Table(
+    "server",
+    metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def is_memory_sqlite(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+
+
+def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> AsyncEngine:
+    """An async engine for ``url``; SQLite connections get WAL, a busy timeout and
+    ``BEGIN IMMEDIATE`` transactions, so writers queue instead of failing."""
+    url = sa.make_url(url)
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=False)
+    options: dict[str, Any] = {"connect_args": {"timeout": 30}}
+    if is_memory_sqlite(url):
+        # One connection holds the whole in-memory database: checkouts must queue for it
+        # (StaticPool would share it between concurrent transactions), and it must never
+        # be recycled.
+        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
+                       pool_recycle=-1, pool_timeout=60)
+    else:
+        options.update(pool_size=8, max_overflow=0, pool_timeout=60)
+    engine = create_async_engine(url, **options)
+    memory = is_memory_sqlite(url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the driver: one statement is one transaction; multi-statement
+        # transactions say BEGIN IMMEDIATE themselves.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        if not memory:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def migrations_dir() -> Path:
+    return Path(importlib.import_module("linger.migrations").__path__[0])
+
+
+def alembic_config(connection: sa.Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _upgrade(connection: sa.Connection) -> None:
+    command.upgrade(alembic_config(connection), "head")
+
+
+def _is_current(connection: sa.Connection) -> bool:
+    heads = set(ScriptDirectory.from_config(alembic_config()).get_heads())
+    current = set(MigrationContext.configure(connection).get_current_heads())
+    return current == heads
+
+
+async def upgrade(engine: AsyncEngine) -> None:
+    """Apply every pending migration on a connection of ``engine``."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_upgrade)
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Raise ``SchemaOutdated`` unless the database is at the newest migration."""
+    async with engine.connect() as conn:
+        if not await conn.run_sync(_is_current):
+            raise errors.SchemaOutdated(
+                "the database schema is behind this Linger: run `alembic upgrade head` "
+                "(or start once with --migrate)"
+            )
+
+
+async def prepare(engine: AsyncEngine, *, migrate: bool) -> None:
+    """Migrate SQLite (or any database when ``migrate``), otherwise check the schema."""
+    if migrate or engine.dialect.name == "sqlite":
+        await upgrade(engine)
+    else:
+        await check_schema(engine)
+
+
+async def server_id(conn: AsyncConnection, new_id: str) -> str:
+    """The server id kept in the database, created as ``new_id`` on first use."""
+    dialect_insert: Any
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    await conn.execute(
+        dialect_insert(server).values(key="id", value=new_id).on_conflict_do_nothing()
+    )
+    value = await conn.scalar(sa.select(server.c.value).where(server.c.key == "id"))
+    return str(value)

@@ -1,0 +1,42 @@
+"""Domain errors, free of HTTP; ``web`` maps each class to a status code."""
+
+from __future__ import annotations
+
+
+class LingerError(Exception):
+    """Linger error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.__doc__)
+
+
+class InvalidParameter(LingerError):
+    """Invalid parameter."""
+
+
+class EmptyMessage(InvalidParameter):
+    """Message is empty."""
+
+
+class MessageTooLarge(LingerError):
+    """Message is too large."""
+
+
+class NotFound(LingerError):
+    """Message not found."""
+
+
+class NotHidden(LingerError):
+    """Message is not hidden."""
+
+
+class ChannelFull(LingerError):
+    """Channel is at the high-level mark."""
+
+
+class Unavailable(LingerError):
+    """Database unavailable, try again later."""
+
+
+class SchemaOutdated(LingerError):
+    """The database schema is not at the version this Linger needs."""

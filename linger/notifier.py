@@ -1,0 +1,73 @@
+"""In-process wake-ups for long-polling consumers, oldest waiter first."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+
+class Waiter:
+    """One waiting consumer; ``alive`` says whether its client is still connected."""
+
+    __slots__ = ("alive", "event")
+
+    def __init__(self, alive: Callable[[], bool]) -> None:
+        self.event = asyncio.Event()
+        self.alive = alive
+
+
+class Notifier:
+    """Maps each channel to its waiters in arrival order."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, dict[Waiter, None]] = {}
+        self.closed = False
+
+    def notify(self, channel: str, count: int = 1) -> None:
+        """Wake the ``count`` oldest waiters of ``channel`` that are not awake yet."""
+        for waiter in self._waiters.get(channel, ()):
+            if count <= 0:
+                return
+            if not waiter.event.is_set():
+                waiter.event.set()
+                count -= 1
+
+    def channels(self) -> dict[str, int]:
+        """Channels with waiters, and how many wait on each."""
+        return {channel: len(waiters) for channel, waiters in self._waiters.items()}
+
+    def prune(self) -> None:
+        """Wake the waiters whose client has gone, so that they leave."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.alive():
+                    waiter.event.set()
+
+    def count(self) -> int:
+        return sum(len(waiters) for waiters in self._waiters.values())
+
+    @asynccontextmanager
+    async def waiter(self, channel: str, alive: Callable[[], bool]) -> AsyncIterator[Waiter]:
+        """Register a waiter for the duration of the block; a wake-up it received but did
+        not use (its event still set on exit) passes on to the next waiter."""
+        waiter = Waiter(alive)
+        if self.closed:
+            waiter.event.set()
+        self._waiters.setdefault(channel, {})[waiter] = None
+        try:
+            yield waiter
+        finally:
+            waiters = self._waiters[channel]
+            del waiters[waiter]
+            if not waiters:
+                del self._waiters[channel]
+            elif waiter.event.is_set() and not self.closed:
+                self.notify(channel)
+
+    def close(self) -> None:
+        """Wake every waiter for good (shutdown)."""
+        self.closed = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                waiter.event.set()

@@ -1,0 +1,163 @@
+"""Fixtures: every test that takes ``database_url`` runs once on SQLite and once on PostgreSQL.
+
+PostgreSQL comes from LINGER_TEST_POSTGRES_URL (an admin URL) or, when that is unset, from
+a throwaway cluster started for the session with the machine's PostgreSQL binaries. With
+neither, the PostgreSQL half skips, unless LINGER_TEST_REQUIRE_POSTGRES=1 (CI) makes that
+a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from aiohttp.test_utils import TestClient
+
+from linger import db
+from linger.app import create_app
+from linger.config import Settings
+
+from .pgcluster import Cluster
+
+for _name in [name for name in os.environ if name.startswith("LINGER_")]:
+    if not _name.startswith("LINGER_TEST_"):
+        del os.environ[_name]
+
+BACKENDS = [
+    pytest.param("sqlite", marks=pytest.mark.sqlite),
+    pytest.param("postgres", marks=pytest.mark.postgres),
+]
+TEST_DB = "linger_test"
+
+
+class Clock:
+    """Real time plus an offset that tests move forward instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def _asyncpg_dsn(url: str, database: str | None = None) -> str:
+    parsed = sa.make_url(url).set(drivername="postgresql")
+    if database:
+        parsed = parsed.set(database=database)
+    return parsed.render_as_string(hide_password=False)
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """An admin URL of a PostgreSQL server for the whole session."""
+    url = os.environ.get("LINGER_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    try:
+        cluster = Cluster()
+        url = cluster.start()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+        if os.environ.get("LINGER_TEST_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"PostgreSQL is required but could not start: {error}")
+        pytest.skip(f"no PostgreSQL: {error}")
+    try:
+        yield url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin_url: str) -> str:
+    """A migrated database of its own for the session's tests."""
+
+    async def setup() -> str:
+        await _admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)",
+                     f"CREATE DATABASE {TEST_DB}")
+        url = sa.make_url(postgres_admin_url).set(database=TEST_DB)
+        engine = db.create_engine(url)
+        await db.upgrade(engine)
+        await engine.dispose()
+        return url.render_as_string(hide_password=False)
+
+    # Session fixtures may be set up from inside a test's event loop: use a thread.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, setup()).result()
+
+
+async def _truncate(url: str) -> None:
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await conn.execute("TRUNCATE messages, channels, subscriptions RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'linger.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    await _truncate(url)
+    return url
+
+
+@pytest.fixture
+def backend(database_url: str) -> str:
+    return sa.make_url(database_url).get_backend_name()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    # Short intervals so that wake-ups and sweeps happen within test deadlines.
+    return Settings(db=database_url, poll_interval=0.05, sweep_interval=0.05, poll_max=2.0)
+
+
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def make_client(
+    aiohttp_client: Any, settings: Settings, clock: Clock
+) -> ClientFactory:
+    """A test client of the real app; keyword arguments override settings."""
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_app(replace(settings, **overrides), clock)
+        )
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def client(make_client: ClientFactory) -> AsyncIterator[TestClient[Any, Any]]:
+    yield await make_client()

@@ -1,0 +1,70 @@
+"""A throwaway PostgreSQL cluster for the test suite, on loopback in a temporary directory."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def _bin_dir() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                      key=lambda p: int(Path(p).parent.parent.name))
+    return Path(versions[-1]).parent if versions else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """initdb + pg_ctl start; as root, the server runs as the ``postgres`` user."""
+
+    def __init__(self) -> None:
+        bin_dir = _bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL server binaries (initdb) not found")
+        self.bin = bin_dir
+        self.dir = Path(tempfile.mkdtemp(prefix="linger-pg-"))
+        self.port = _free_port()
+        self.user: str | None = "postgres" if os.geteuid() == 0 else None
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+
+    def _run(self, *args: str) -> None:
+        command = [str(self.bin / args[0]), *args[1:]]
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=self.dir)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> str:
+        data = self.dir / "data"
+        self._run("initdb", "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                  "--no-sync")
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} "
+                   "-c fsync=off -c full_page_writes=off -c max_connections=200")
+        self._run("pg_ctl", "-D", str(data), "-o", options, "-l", str(self.dir / "log"),
+                  "-w", "start")
+        return self.url
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "stop")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
