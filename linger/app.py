@@ -29,8 +29,7 @@ async def _stop(task: asyncio.Task[None]) -> None:
         await task
 
 
-def _resources(clock: Callable[[], float]) -> Callable[[web.Application],
-                                                       AsyncIterator[None]]:
+def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
         engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
@@ -38,13 +37,22 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application],
             await db.prepare(engine, migrate=settings.migrate)
             async with engine.begin() as conn:
                 app[SERVER_ID] = await db.server_id(conn, uuid.uuid4().hex)
-            broker = Broker(Storage(Driver(engine), clock), Notifier(), hlm=settings.hlm,
-                            poll_interval=settings.poll_interval)
+            broker = Broker(
+                Storage(Driver(engine), clock),
+                Notifier(),
+                hlm=settings.hlm,
+                poll_interval=settings.poll_interval,
+            )
             app[BROKER] = broker
             poller = asyncio.create_task(broker.run_poller())
             sweeper = asyncio.create_task(broker.run_sweeper(settings.sweep_interval))
-            logger.info("Linger %s on http://%s:%d, database %s", __version__, settings.host,
-                        settings.port, settings.db_display)
+            logger.info(
+                "Linger %s on http://%s:%d, database %s",
+                __version__,
+                settings.host,
+                settings.port,
+                settings.db_display,
+            )
             yield
             await _stop(poller)
             await _stop(sweeper)
@@ -71,18 +79,28 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     return app
 
 
-def run(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM; exit 1 with one line when the database is unusable."""
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed, else asyncio's default loop."""
     try:
         import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional
-        uvloop = None
+    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM; exit 1 with one line when the database is unusable."""
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     try:
         web.run_app(
-            create_app(settings), host=settings.host, port=settings.port,
-            access_log=access_log, shutdown_timeout=5, print=None,
-            loop=uvloop.new_event_loop() if uvloop else None,
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            access_log=access_log,
+            shutdown_timeout=5,
+            print=None,
+            loop=_new_loop(),
         )
     except (errors.SchemaOutdated, errors.Unavailable) as error:
         sys.exit(f"linger: {error}")

@@ -31,8 +31,7 @@ class Broker:
 
     async def add(self, channel: str, body: bytes, content_type: str, options: Options) -> int:
         """Store a message and wake one consumer waiting on its channel."""
-        message_id = await self.storage.add_message(channel, body, content_type, options,
-                                                    self.hlm)
+        message_id = await self.storage.add_message(channel, body, content_type, options, self.hlm)
         self.counters["msg-add"] += 1
         self.notifier.notify(channel)
         return message_id
@@ -43,15 +42,16 @@ class Broker:
         self.counters["publish"] += 1
         if skipped:
             self.counters["publish-skipped"] += len(skipped)
-            logger.warning("publish to %r skipped channels at the high-level mark: %s",
-                           topic, ", ".join(skipped))
+            logger.warning(
+                "publish to %r skipped channels at the high-level mark: %s",
+                topic,
+                ", ".join(skipped),
+            )
         for channel in ids:
             self.notifier.notify(channel)
         return ids
 
-    async def get(
-        self, channel: str, *, wait: float, alive: Callable[[], bool]
-    ) -> Message | None:
+    async def get(self, channel: str, *, wait: float, alive: Callable[[], bool]) -> Message | None:
         """Deliver the next message of ``channel``, waiting up to ``wait`` seconds for one.
 
         Waiting holds no database connection: the waiter sleeps until an add in this

@@ -67,22 +67,46 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("port", _bounded_int(1, 65535), _DEFAULTS.port, "port to listen on"),
     ("dbfile", str, None, "SQLite database file (WAL); default: an in-memory database"),
     ("db", str, None, "SQLAlchemy async database URL, e.g. postgresql+asyncpg://u:p@host/db"),
-    ("hlm", _bounded_int(0), _DEFAULTS.hlm,
-     "high-level mark: most messages a channel may hold; 0 = no limit"),
+    (
+        "hlm",
+        _bounded_int(0),
+        _DEFAULTS.hlm,
+        "high-level mark: most messages a channel may hold; 0 = no limit",
+    ),
     ("max-size", _bounded_int(1, 2**31), _DEFAULTS.max_size, "largest message in bytes"),
     ("poll-max", _seconds, _DEFAULTS.poll_max, "longest long-poll in seconds, then 204"),
-    ("poll-interval", _seconds, _DEFAULTS.poll_interval,
-     "how often waiting consumers look for messages that no local add announced"),
-    ("sweep-interval", _seconds, _DEFAULTS.sweep_interval,
-     "how often expired and exhausted messages are deleted"),
-    ("sqlite-sync", _choice("FULL", "NORMAL"), _DEFAULTS.sqlite_sync,
-     "SQLite synchronous mode for --dbfile: FULL (a 202 is on disk) or NORMAL "
-     "(faster; the last commits may be lost on power failure, not on a crash)"),
-    ("migrate", _boolean, _DEFAULTS.migrate,
-     "apply pending database migrations at start (SQLite always does)"),
+    (
+        "poll-interval",
+        _seconds,
+        _DEFAULTS.poll_interval,
+        "how often waiting consumers look for messages that no local add announced",
+    ),
+    (
+        "sweep-interval",
+        _seconds,
+        _DEFAULTS.sweep_interval,
+        "how often expired and exhausted messages are deleted",
+    ),
+    (
+        "sqlite-sync",
+        _choice("FULL", "NORMAL"),
+        _DEFAULTS.sqlite_sync,
+        "SQLite synchronous mode for --dbfile: FULL (a 202 is on disk) or NORMAL "
+        "(faster; the last commits may be lost on power failure, not on a crash)",
+    ),
+    (
+        "migrate",
+        _boolean,
+        _DEFAULTS.migrate,
+        "apply pending database migrations at start (SQLite always does)",
+    ),
     ("access-log", _boolean, _DEFAULTS.access_log, "log every request"),
-    ("log-level", _choice("DEBUG", "INFO", "WARNING", "ERROR"), _DEFAULTS.log_level,
-     "logging level"),
+    (
+        "log-level",
+        _choice("DEBUG", "INFO", "WARNING", "ERROR"),
+        _DEFAULTS.log_level,
+        "logging level",
+    ),
 ]
 _FLAGS = {"migrate", "access-log"}
 
@@ -105,16 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
         "wins over the environment, which wins over the file.",
     )
     parser.add_argument("--version", action="version", version=f"linger {__version__}")
-    parser.add_argument("--config", metavar="FILE",
-                        help="TOML config file (env: LINGER_CONFIG)")
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (env: LINGER_CONFIG)")
     for option, type_, default, text in _OPTIONS:
         help_text = f"{text} (default: {default}; env: {_env_name(option)})"
         if option in _FLAGS:
-            parser.add_argument(f"--{option}", nargs="?", const="true", type=type_,
-                                metavar="BOOL", help=help_text)
+            parser.add_argument(
+                f"--{option}", nargs="?", const="true", type=type_, metavar="BOOL", help=help_text
+            )
         else:
-            parser.add_argument(f"--{option}", type=type_, metavar=option.upper()
-                                .replace("-", "_"), help=help_text)
+            parser.add_argument(
+                f"--{option}", type=type_, metavar=option.upper().replace("-", "_"), help=help_text
+            )
     return parser
 
 
@@ -127,8 +152,9 @@ def _load_config(path: str) -> dict[str, Any]:
     return {str(key).replace("_", "-"): value for key, value in data.items()}
 
 
-def parse_settings(argv: Sequence[str] | None = None,
-                   environ: dict[str, str] | None = None) -> Settings:
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: dict[str, str] | None = None
+) -> Settings:
     """Settings from the command line, then LINGER_* variables, then the config file.
     Exits with status 2 and a one-line message on a bad value."""
     parser = build_parser()
@@ -156,8 +182,10 @@ def parse_settings(argv: Sequence[str] | None = None,
         try:
             values[name] = type_(value)
         except (TypeError, ValueError):
-            parser.error(f"invalid value for {source}: {value!r} "
-                         f"(expected {getattr(type_, '__name__', 'text')})")
+            parser.error(
+                f"invalid value for {source}: {value!r} "
+                f"(expected {getattr(type_, '__name__', 'text')})"
+            )
     if values["dbfile"] and values["db"]:
         parser.error("--dbfile and --db cannot be used together")
     dbfile, db = values.pop("dbfile"), values.pop("db")

@@ -107,8 +107,13 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
         # One connection holds the whole in-memory database: checkouts must queue for it
         # (StaticPool would share it between concurrent transactions), and it must never
         # be recycled.
-        options.update(poolclass=AsyncAdaptedQueuePool, pool_size=1, max_overflow=0,
-                       pool_recycle=-1, pool_timeout=60)
+        options.update(
+            poolclass=AsyncAdaptedQueuePool,
+            pool_size=1,
+            max_overflow=0,
+            pool_recycle=-1,
+            pool_timeout=60,
+        )
     else:
         options.update(pool_size=8, max_overflow=0, pool_timeout=60)
     engine = create_async_engine(url, **options)

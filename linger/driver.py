@@ -18,7 +18,8 @@ from typing import Any
 import asyncpg
 from sqlalchemy import exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
 
@@ -44,6 +45,13 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
+)
+
+
+_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    *_UNREACHABLE,
 )
 
 
@@ -93,10 +101,11 @@ class Driver:
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
 
-    def prepare(self, stmt: Executable) -> Prepared:
+    def prepare(self, stmt: ClauseElement) -> Prepared:
         compiled = stmt.compile(
             dialect=self._engine.dialect, compile_kwargs={"render_postcompile": True}
         )
+        assert isinstance(compiled, SQLCompiler)
         # Binds given values at build time (LIMIT 1, IN lists) keep them as defaults.
         return Prepared(compiled.string, tuple(compiled.positiontup or ()), compiled.params)
 
@@ -106,7 +115,7 @@ class Driver:
         and the broken connection is dropped from the pool."""
         try:
             conn = await self._engine.connect()
-        except (exc.OperationalError, exc.InterfaceError, *_UNREACHABLE) as error:
+        except _CONNECT_ERRORS as error:
             raise errors.Unavailable() from error
         try:
             raw = await conn.get_raw_connection()

@@ -115,10 +115,12 @@ def _decode_urlencoded(data: bytes) -> list[tuple[str, bytes]]:
         if not pair:
             continue
         key, _, value = pair.partition(b"=")
-        fields.append((
-            unquote_to_bytes(key.replace(b"+", b" ")).decode("utf-8"),
-            unquote_to_bytes(value.replace(b"+", b" ")),
-        ))
+        fields.append(
+            (
+                unquote_to_bytes(key.replace(b"+", b" ")).decode("utf-8"),
+                unquote_to_bytes(value.replace(b"+", b" ")),
+            )
+        )
     return fields
 
 

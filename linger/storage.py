@@ -95,18 +95,36 @@ def _count_alive(channel: Any, now: sa.ColumnElement[int]) -> sa.ScalarSelect[in
     )
 
 
-_MESSAGE_COLUMNS = (m.c.id, m.c.channel, m.c.body, m.c.content_type, m.c.priority,
-                    m.c.timeout, m.c.deliver, m.c.deliveries, m.c.linger, m.c.topic,
-                    m.c.created_at)
+_MESSAGE_COLUMNS = (
+    m.c.id,
+    m.c.channel,
+    m.c.body,
+    m.c.content_type,
+    m.c.priority,
+    m.c.timeout,
+    m.c.deliver,
+    m.c.deliveries,
+    m.c.linger,
+    m.c.topic,
+    m.c.created_at,
+)
 _INSERT_TYPES: dict[str, Any] = {
-    "channel": sa.String, "priority": sa.BigInteger, "timeout": sa.BigInteger,
-    "deliver": sa.BigInteger, "linger": sa.BigInteger, "topic": sa.String,
-    "content_type": sa.Text, "body": sa.LargeBinary, "created_at": sa.BigInteger,
-    "visible_at": sa.BigInteger, "dead_at": sa.BigInteger, "deliveries": sa.BigInteger,
+    "channel": sa.String,
+    "priority": sa.BigInteger,
+    "timeout": sa.BigInteger,
+    "deliver": sa.BigInteger,
+    "linger": sa.BigInteger,
+    "topic": sa.String,
+    "content_type": sa.Text,
+    "body": sa.LargeBinary,
+    "created_at": sa.BigInteger,
+    "visible_at": sa.BigInteger,
+    "dead_at": sa.BigInteger,
+    "deliveries": sa.BigInteger,
 }
 
 
-def _add_stmt(*, hlm: bool) -> sa.Executable:
+def _add_stmt(*, hlm: bool) -> sa.ClauseElement:
     """Insert one message, returning its id; with ``hlm``, only while the channel holds
     fewer than :hlm live messages (no row returned otherwise)."""
     binds = [_param(name, type_) for name, type_ in _INSERT_TYPES.items()]
@@ -117,7 +135,7 @@ def _add_stmt(*, hlm: bool) -> sa.Executable:
     return sa.insert(m).from_select(list(_INSERT_TYPES), rows).returning(m.c.id)
 
 
-def _claim_stmt() -> sa.Executable:
+def _claim_stmt() -> sa.ClauseElement:
     """Claim the first ready live message of :channel in (priority, id) order: hide it for
     its timeout and count the delivery. SKIP LOCKED (PostgreSQL) lets concurrent claims
     pass each other; SQLite serialises writers."""
@@ -143,7 +161,7 @@ def _claim_stmt() -> sa.Executable:
     )
 
 
-def _touch_stmt() -> sa.Executable:
+def _touch_stmt() -> sa.ClauseElement:
     """Restart the visibility timeout of hidden live message :id."""
     now = _param("now")
     visible_at = now + _ms_sql(m.c.timeout)
@@ -155,14 +173,21 @@ def _touch_stmt() -> sa.Executable:
     )
 
 
-def _publish_stmt(*, hlm: bool) -> sa.Executable:
+def _publish_stmt(*, hlm: bool) -> sa.ClauseElement:
     """Copy the message into every channel subscribed to :topic with the subscription's
     options (with ``hlm``, skipping channels at the mark), returning (channel, id)."""
     now = _param("now")
     rows = sa.select(
-        s.c.channel, s.c.priority, s.c.timeout, s.c.deliver, s.c.linger,
-        _param("topic", sa.String), _param("content_type", sa.Text),
-        _param("body", sa.LargeBinary), now, now,
+        s.c.channel,
+        s.c.priority,
+        s.c.timeout,
+        s.c.deliver,
+        s.c.linger,
+        _param("topic", sa.String),
+        _param("content_type", sa.Text),
+        _param("body", sa.LargeBinary),
+        now,
+        now,
         sa.case((s.c.linger > 0, now + _ms_sql(s.c.linger)), else_=sa.null()),
         sa.literal_column("0", sa.BigInteger),
     ).where(s.c.topic == _param("topic", sa.String))
@@ -198,11 +223,17 @@ class Storage:
         now = _param("now")
         self._add = prepare(_add_stmt(hlm=False))
         self._add_below_mark = prepare(_add_stmt(hlm=True))
-        self._lock_channel = prepare(
-            sa.select(sa.func.pg_advisory_xact_lock(
-                sa.func.hashtextextended(_param("channel", sa.String), 0)
-            ))
-        ) if driver.postgres else None
+        self._lock_channel = (
+            prepare(
+                sa.select(
+                    sa.func.pg_advisory_xact_lock(
+                        sa.func.hashtextextended(_param("channel", sa.String), 0)
+                    )
+                )
+            )
+            if driver.postgres
+            else None
+        )
         self._count = prepare(sa.select(_count_alive(_param("channel", sa.String), now)))
         self._claim = prepare(_claim_stmt())
         self._delete = prepare(
@@ -216,26 +247,31 @@ class Storage:
         ready = sa.func.coalesce(sa.func.sum(sa.case((m.c.visible_at <= now, 1), else_=0)), 0)
         hidden = sa.func.coalesce(sa.func.sum(sa.case((m.c.visible_at > now, 1), else_=0)), 0)
         self._channel_stats = prepare(
-            sa.select(ready, hidden).where(m.c.channel == _param("channel", sa.String),
-                                           _alive(now))
+            sa.select(ready, hidden).where(m.c.channel == _param("channel", sa.String), _alive(now))
         )
         self._totals = prepare(
             sa.select(
-                sa.func.count(), ready, hidden,
+                sa.func.count(),
+                ready,
+                hidden,
                 sa.func.coalesce(sa.func.sum(sa.case((m.c.priority < 0, 1), else_=0)), 0),
                 sa.func.coalesce(sa.func.sum(sa.case((m.c.priority > 0, 1), else_=0)), 0),
             ).where(_alive(now))
         )
-        self._max_id = prepare(sa.text(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_id_seq"
-            if driver.postgres else
-            "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
-        ))
+        self._max_id = prepare(
+            sa.text(
+                "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_id_seq"
+                if driver.postgres
+                else "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+            )
+        )
         self._list_channels = prepare(_LIST_CHANNELS)
         polled = insert(channels).values(name=_param("channel", sa.String), polled_at=now)
-        self._mark_polled = prepare(polled.on_conflict_do_update(
-            index_elements=[channels.c.name], set_={"polled_at": polled.excluded.polled_at}
-        ))
+        self._mark_polled = prepare(
+            polled.on_conflict_do_update(
+                index_elements=[channels.c.name], set_={"polled_at": polled.excluded.polled_at}
+            )
+        )
         retention_end = m.c.created_at + _ms_sql(m.c.linger)
         self._sweep_retention = prepare(
             sa.delete(m)
@@ -248,26 +284,32 @@ class Storage:
         )
         # Topics and subscriptions.
         options = {
-            "priority": _param("priority"), "timeout": _param("timeout"),
-            "deliver": _param("deliver"), "linger": _param("linger"),
+            "priority": _param("priority"),
+            "timeout": _param("timeout"),
+            "deliver": _param("deliver"),
+            "linger": _param("linger"),
         }
         subscribe = insert(s).values(
             topic=_param("topic", sa.String), channel=_param("channel", sa.String), **options
         )
-        self._subscribe = prepare(subscribe.on_conflict_do_update(
-            index_elements=[s.c.topic, s.c.channel],
-            set_={name: subscribe.excluded[name] for name in options},
-        ))
+        self._subscribe = prepare(
+            subscribe.on_conflict_do_update(
+                index_elements=[s.c.topic, s.c.channel],
+                set_={name: subscribe.excluded[name] for name in options},
+            )
+        )
         self._unsubscribe = prepare(
             sa.delete(s)
-            .where(s.c.topic == _param("topic", sa.String),
-                   s.c.channel == _param("channel", sa.String))
+            .where(
+                s.c.topic == _param("topic", sa.String), s.c.channel == _param("channel", sa.String)
+            )
             .returning(s.c.channel)
         )
         self._publish = prepare(_publish_stmt(hlm=False))
         self._publish_below_mark = prepare(_publish_stmt(hlm=True))
         self._subscribers = prepare(
-            sa.select(s.c.channel).where(s.c.topic == _param("topic", sa.String))
+            sa.select(s.c.channel)
+            .where(s.c.topic == _param("topic", sa.String))
             .order_by(s.c.channel)
         )
         self._topics = prepare(sa.select(s.c.topic).distinct())
@@ -293,10 +335,19 @@ class Storage:
         already holds ``hlm`` (> 0) live messages."""
         now = self.now()
         params = {
-            "channel": channel, "priority": options.priority, "timeout": options.timeout,
-            "deliver": options.deliver, "linger": options.linger, "topic": "",
-            "content_type": content_type, "body": body, "created_at": now,
-            "visible_at": now, "deliveries": 0, "now": now, "hlm": hlm,
+            "channel": channel,
+            "priority": options.priority,
+            "timeout": options.timeout,
+            "deliver": options.deliver,
+            "linger": options.linger,
+            "topic": "",
+            "content_type": content_type,
+            "body": body,
+            "created_at": now,
+            "visible_at": now,
+            "deliveries": 0,
+            "now": now,
+            "hlm": hlm,
             "dead_at": now + _ms(options.linger) if options.linger > 0 else None,
         }
         async with self._driver.connect() as conn:
@@ -389,8 +440,13 @@ class Storage:
     async def subscribe(self, channel: str, topic: str, options: Options) -> None:
         """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
         await self._fetch(
-            self._subscribe, channel=channel, topic=topic, priority=options.priority,
-            timeout=options.timeout, deliver=options.deliver, linger=options.linger,
+            self._subscribe,
+            channel=channel,
+            topic=topic,
+            priority=options.priority,
+            timeout=options.timeout,
+            deliver=options.deliver,
+            linger=options.linger,
         )
 
     async def unsubscribe(self, channel: str, topic: str) -> bool:
@@ -402,8 +458,13 @@ class Storage:
     ) -> tuple[dict[str, int], list[str]]:
         """Copy the message into every subscribed channel in one transaction; return
         ({channel: id}, [channels skipped at the high-level mark])."""
-        params = {"topic": topic, "body": body, "content_type": content_type,
-                  "now": self.now(), "hlm": hlm}
+        params = {
+            "topic": topic,
+            "body": body,
+            "content_type": content_type,
+            "now": self.now(),
+            "hlm": hlm,
+        }
         async with self._driver.connect() as conn:
             if hlm <= 0:
                 rows = await conn.fetch(self._publish, params)

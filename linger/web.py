@@ -38,10 +38,10 @@ def header_value(text: str) -> str:
     return quote(text, safe=_HEADER_SAFE)
 
 
-def error_response(status: int, text: str, headers: dict[str, str] | None = None
-                   ) -> web.Response:
-    return web.json_response({"error": text}, status=status, reason=header_value(text),
-                             headers=headers)
+def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": text}, status=status, reason=header_value(text), headers=headers
+    )
 
 
 def _status(error: errors.LingerError) -> int:
@@ -102,8 +102,14 @@ def _message_response(message: Message, now_ms: int) -> web.Response:
 
 
 async def get_root(request: web.Request) -> web.Response:
-    return web.json_response({"Linger": "Welcome", "version": __version__,
-                              "id": request.app[SERVER_ID], "hostname": socket.gethostname()})
+    return web.json_response(
+        {
+            "Linger": "Welcome",
+            "version": __version__,
+            "id": request.app[SERVER_ID],
+            "hostname": socket.gethostname(),
+        }
+    )
 
 
 async def list_channels(request: web.Request) -> web.Response:
@@ -193,9 +199,21 @@ async def touch_message(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-_COUNTERS = ("msg-add", "msg-get", "delivered", "msg-delete", "msg-timeouts", "msg-retention",
-             "msg-discarded", "channel-drain", "publish", "publish-skipped",
-             "subscription-add", "subscription-delete", "msg-touch")
+_COUNTERS = (
+    "msg-add",
+    "msg-get",
+    "delivered",
+    "msg-delete",
+    "msg-timeouts",
+    "msg-retention",
+    "msg-discarded",
+    "channel-drain",
+    "publish",
+    "publish-skipped",
+    "subscription-add",
+    "subscription-delete",
+    "msg-touch",
+)
 
 
 async def get_stats(request: web.Request) -> web.Response:
@@ -204,16 +222,25 @@ async def get_stats(request: web.Request) -> web.Response:
     totals = await storage.totals()
     subscriptions, topics = await storage.subscription_totals()
     stats: dict[str, object] = {
-        "id": app[SERVER_ID], "version": __version__, "hostname": socket.gethostname(),
-        "pid": os.getpid(), "start": int(app[STARTED]),
+        "id": app[SERVER_ID],
+        "version": __version__,
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "start": int(app[STARTED]),
         "current-uptime": int(time.time() - app[STARTED]),
         "current-channels": len(await storage.list_channels()),
-        "current-topics": topics, "current-subscriptions": subscriptions,
-        "current-messages": totals.messages, "current-messages-ready": totals.ready,
-        "current-messages-hidden": totals.hidden, "current-messages-urgent": totals.urgent,
-        "current-messages-niced": totals.niced, "current-waiters": broker.notifier.count(),
-        "msg-max-id": await storage.max_id(), "msg-max-size": settings.max_size,
-        "db-file": settings.db_display, "hlm": settings.hlm,
+        "current-topics": topics,
+        "current-subscriptions": subscriptions,
+        "current-messages": totals.messages,
+        "current-messages-ready": totals.ready,
+        "current-messages-hidden": totals.hidden,
+        "current-messages-urgent": totals.urgent,
+        "current-messages-niced": totals.niced,
+        "current-waiters": broker.notifier.count(),
+        "msg-max-id": await storage.max_id(),
+        "msg-max-size": settings.max_size,
+        "db-file": settings.db_display,
+        "hlm": settings.hlm,
     }
     stats.update({name: broker.counters[name] for name in _COUNTERS})
     return web.json_response(stats)
@@ -231,12 +258,15 @@ ROUTES = [
     web.get(_CHANNEL + "/stats", get_channel_stats, name="channel_stats", allow_head=False),
     web.get(_CHANNEL + "/topics", get_channel_topics, name="channel_topics", allow_head=False),
     web.put(_CHANNEL + "/topics/" + _TOPIC, put_subscription, name="put_subscription"),
-    web.delete(_CHANNEL + "/topics/" + _TOPIC, delete_subscription,
-               name="delete_subscription"),
+    web.delete(_CHANNEL + "/topics/" + _TOPIC, delete_subscription, name="delete_subscription"),
     web.get("/topics", list_topics, name="topics", allow_head=False),
     web.post("/topics/" + _TOPIC, post_topic_message, name="publish"),
-    web.get("/topics/" + _TOPIC + "/channels", get_topic_channels, name="topic_channels",
-            allow_head=False),
+    web.get(
+        "/topics/" + _TOPIC + "/channels",
+        get_topic_channels,
+        name="topic_channels",
+        allow_head=False,
+    ),
     web.delete("/messages/{id:[0-9]+}", delete_message, name="delete_message"),
     web.post("/messages/{id:[0-9]+}/touch", touch_message, name="touch_message"),
     web.get("/stats", get_stats, name="stats", allow_head=False),

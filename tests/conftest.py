@@ -12,11 +12,11 @@ import asyncio
 import os
 import subprocess
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import pytest
@@ -38,6 +38,7 @@ BACKENDS = [
     pytest.param("postgres", marks=pytest.mark.postgres),
 ]
 TEST_DB = "linger_test"
+T = TypeVar("T")
 
 
 class Clock:
@@ -58,6 +59,13 @@ def _asyncpg_dsn(url: str, database: str | None = None) -> str:
     if database:
         parsed = parsed.set(database=database)
     return parsed.render_as_string(hide_password=False)
+
+
+def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to completion from sync code, even inside a running event loop
+    (session fixtures may be set up from a test's loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 async def _admin(url: str, *statements: str) -> None:
@@ -94,17 +102,18 @@ def postgres_url(postgres_admin_url: str) -> str:
     """A migrated database of its own for the session's tests."""
 
     async def setup() -> str:
-        await _admin(postgres_admin_url, f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)",
-                     f"CREATE DATABASE {TEST_DB}")
+        await _admin(
+            postgres_admin_url,
+            f"DROP DATABASE IF EXISTS {TEST_DB} WITH (FORCE)",
+            f"CREATE DATABASE {TEST_DB}",
+        )
         url = sa.make_url(postgres_admin_url).set(database=TEST_DB)
         engine = db.create_engine(url)
         await db.upgrade(engine)
         await engine.dispose()
         return url.render_as_string(hide_password=False)
 
-    # Session fixtures may be set up from inside a test's event loop: use a thread.
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, setup()).result()
+    return run_sync(setup())
 
 
 async def _truncate(url: str) -> None:
@@ -144,9 +153,7 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 @pytest.fixture
-def make_client(
-    aiohttp_client: Any, settings: Settings, clock: Clock
-) -> ClientFactory:
+def make_client(aiohttp_client: Any, settings: Settings, clock: Clock) -> ClientFactory:
     """A test client of the real app; keyword arguments override settings."""
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
@@ -159,5 +166,5 @@ def make_client(
 
 
 @pytest.fixture
-async def client(make_client: ClientFactory) -> AsyncIterator[TestClient[Any, Any]]:
-    yield await make_client()
+async def client(make_client: ClientFactory) -> TestClient[Any, Any]:
+    return await make_client()

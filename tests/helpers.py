@@ -19,7 +19,9 @@ async def add(client: Client, channel: str, body: bytes | str = b"hello", **opti
     """Add a raw text message and return its id."""
     data = body.encode() if isinstance(body, str) else body
     response = await client.post(
-        raw(f"/channels/{channel}"), data=data, params={k: str(v) for k, v in options.items()},
+        raw(f"/channels/{channel}"),
+        data=data,
+        params={k: str(v) for k, v in options.items()},
         headers={"Content-Type": "text/plain"},
     )
     assert response.status == 202, await response.text()
@@ -28,8 +30,7 @@ async def add(client: Client, channel: str, body: bytes | str = b"hello", **opti
 
 async def get(client: Client, channel: str, *, wait: bool = False) -> Any:
     """GET a message (``nowait`` unless ``wait``); returns the response, body read."""
-    response = await client.get(raw(f"/channels/{channel}"),
-                                params={} if wait else {"nowait": ""})
+    response = await client.get(raw(f"/channels/{channel}"), params={} if wait else {"nowait": ""})
     await response.read()
     return response
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
@@ -30,8 +31,9 @@ async def test_server_id_survives_restart(make_client: ClientFactory) -> None:
 
 
 async def test_add_get_delete_cycle(client: Client) -> None:
-    response = await client.post("/channels/test", data=b"Do this", headers={
-        "Content-Type": "text/plain"})
+    response = await client.post(
+        "/channels/test", data=b"Do this", headers={"Content-Type": "text/plain"}
+    )
     assert response.status == 202
     assert response.headers["Content-Type"] == "application/json; charset=utf-8"
     message_id = (await response.json())["id"]
@@ -87,8 +89,11 @@ async def test_form_msg_is_stored_exactly_as_text_plain(client: Client) -> None:
 
 
 async def test_form_last_msg_wins(client: Client) -> None:
-    response = await client.post("/channels/c", data=b"msg=first&msg=second", headers={
-        "Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    response = await client.post(
+        "/channels/c",
+        data=b"msg=first&msg=second",
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+    )
     assert response.status == 202
     assert await (await get(client, "c")).read() == b"second"
 
@@ -111,16 +116,23 @@ async def test_form_without_msg_is_empty(client: Client) -> None:
 
 
 async def test_form_with_invalid_utf8_is_rejected(client: Client) -> None:
-    response = await client.post("/channels/c", data=b"msg=%FF%FE", headers={
-        "Content-Type": "application/x-www-form-urlencoded"})
+    response = await client.post(
+        "/channels/c",
+        data=b"msg=%FF%FE",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     await error(response, 400)
 
 
 async def test_query_msg_used_only_without_body(client: Client) -> None:
     response = await client.post("/channels/c", params={"msg": "from query"})
     assert response.status == 202
-    response = await client.post("/channels/c", params={"msg": "ignored"}, data=b"raw",
-                                 headers={"Content-Type": "text/plain"})
+    response = await client.post(
+        "/channels/c",
+        params={"msg": "ignored"},
+        data=b"raw",
+        headers={"Content-Type": "text/plain"},
+    )
     assert response.status == 202
     assert await (await get(client, "c")).read() == b"from query"
     assert await (await get(client, "c")).read() == b"raw"
@@ -128,8 +140,11 @@ async def test_query_msg_used_only_without_body(client: Client) -> None:
 
 async def test_empty_message_is_rejected(client: Client) -> None:
     await error(await client.post("/channels/c"), 400, "Message is empty.")
-    await error(await client.post("/channels/c", data=b"", headers={
-        "Content-Type": "text/plain"}), 400, "Message is empty.")
+    await error(
+        await client.post("/channels/c", data=b"", headers={"Content-Type": "text/plain"}),
+        400,
+        "Message is empty.",
+    )
 
 
 async def test_message_size_limit_counts_bytes(make_client: ClientFactory) -> None:
@@ -139,21 +154,24 @@ async def test_message_size_limit_counts_bytes(make_client: ClientFactory) -> No
     too_large = await client.post("/channels/c", data=b"x" * 11, headers={"Content-Type": "a/b"})
     await error(too_large, 413, "Message is larger than 10 bytes.")
     # Six characters, twelve bytes.
-    await error(await client.post("/channels/c", data={"msg": "éééééé"}), 413,
-                "Message is larger than 10 bytes.")
+    await error(
+        await client.post("/channels/c", data={"msg": "éééééé"}),
+        413,
+        "Message is larger than 10 bytes.",
+    )
     assert (await stats(client, "c"))["ready"] == 1
 
 
-async def test_oversized_chunked_body_is_refused_while_reading(make_client: ClientFactory
-                                                               ) -> None:
+async def test_oversized_chunked_body_is_refused_while_reading(make_client: ClientFactory) -> None:
     client = await make_client(max_size=1000)
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(100):
             yield b"y" * 100
 
-    response = await client.post("/channels/c", data=chunks(), headers={
-        "Content-Type": "application/octet-stream"})
+    response = await client.post(
+        "/channels/c", data=chunks(), headers={"Content-Type": "application/octet-stream"}
+    )
     await error(response, 413, "Message is larger than 1000 bytes.")
 
 
@@ -177,8 +195,9 @@ async def test_oversized_chunked_body_is_refused_while_reading(make_client: Clie
 async def test_invalid_option_is_400_and_adds_nothing(
     client: Client, query: dict[str, str], text: str
 ) -> None:
-    response = await client.post("/channels/c", params=query, data=b"m",
-                                 headers={"Content-Type": "text/plain"})
+    response = await client.post(
+        "/channels/c", params=query, data=b"m", headers={"Content-Type": "text/plain"}
+    )
     await error(response, 400, text)
     assert (await server_stats(client))["current-messages"] == 0
 
@@ -269,16 +288,18 @@ async def test_retention_discards_ready_and_hidden(client: Client, clock: Clock)
         await error(await client.delete(f"/messages/{message_id}"), 404)
 
 
-async def test_retention_ends_a_hidden_message_before_its_timeout(client: Client,
-                                                                  clock: Clock) -> None:
+async def test_retention_ends_a_hidden_message_before_its_timeout(
+    client: Client, clock: Clock
+) -> None:
     await add(client, "c", "m", linger=5, timeout=100, deliver=1)
     await get(client, "c")
     clock.advance(5.5)
     assert (await stats(client, "c")) == {"ready": 0, "hidden": 0}
 
 
-async def test_sweeper_deletes_expired_and_counts_them(make_client: ClientFactory,
-                                                       clock: Clock) -> None:
+async def test_sweeper_deletes_expired_and_counts_them(
+    make_client: ClientFactory, clock: Clock
+) -> None:
     client = await make_client(sweep_interval=0.02)
     await add(client, "c", "lingers", linger=1)
     await add(client, "c", "limited", deliver=1, timeout=1, priority=-1)
@@ -319,13 +340,20 @@ async def test_touch_extends_the_last_allowed_delivery(client: Client, clock: Cl
 
 async def test_touch_ready_message_is_409_and_keeps_it_ready(client: Client) -> None:
     message_id = await add(client, "c", "m")
-    await error(await client.post(f"/messages/{message_id}/touch"), 409,
-                "Message is not hidden.")
+    await error(await client.post(f"/messages/{message_id}/touch"), 409, "Message is not hidden.")
     assert (await stats(client, "c")) == {"ready": 1, "hidden": 0}
 
 
-@pytest.mark.parametrize("path", ["/messages/99", "/messages/99999999999999999999999",
-                                  "/messages/abc", "/messages/-1", "/messages/"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/messages/99",
+        "/messages/99999999999999999999999",
+        "/messages/abc",
+        "/messages/-1",
+        "/messages/",
+    ],
+)
 async def test_delete_unknown_message_is_404(client: Client, path: str) -> None:
     await error(await client.delete(path), 404)
     await error(await client.post(path + "/touch"), 404)
@@ -368,16 +396,16 @@ async def test_high_level_mark_refuses_adds(make_client: ClientFactory) -> None:
     await error(response, 507, "Channel c is at the high-level mark with 2 messages")
     await add(client, "other", "fine")
     await get(client, "c")  # hidden messages still count
-    await error(await client.post("/channels/c", data=b"c", headers={"Content-Type": "t/p"}),
-                507)
+    await error(await client.post("/channels/c", data=b"c", headers={"Content-Type": "t/p"}), 507)
 
 
 async def test_high_level_mark_holds_under_concurrent_adds(make_client: ClientFactory) -> None:
     client = await make_client(hlm=5)
 
     async def post(i: int) -> int:
-        response = await client.post("/channels/c", data=f"m{i}".encode(),
-                                     headers={"Content-Type": "text/plain"})
+        response = await client.post(
+            "/channels/c", data=f"m{i}".encode(), headers={"Content-Type": "text/plain"}
+        )
         await response.read()
         return response.status
 
@@ -396,32 +424,56 @@ async def test_stats_counts_every_state_and_event(client: Client, clock: Clock) 
     await client.delete(f"/messages/{message_id}")
     current = await server_stats(client)
     expected = {
-        "current-channels": 1, "current-messages": 2, "current-messages-ready": 2,
-        "current-messages-hidden": 0, "current-messages-urgent": 1,
-        "current-messages-niced": 1, "msg-add": 3, "msg-get": 2, "delivered": 1,
-        "msg-delete": 1, "msg-touch": 1, "msg-max-id": 3, "msg-max-size": 262144,
+        "current-channels": 1,
+        "current-messages": 2,
+        "current-messages-ready": 2,
+        "current-messages-hidden": 0,
+        "current-messages-urgent": 1,
+        "current-messages-niced": 1,
+        "msg-add": 3,
+        "msg-get": 2,
+        "delivered": 1,
+        "msg-delete": 1,
+        "msg-touch": 1,
+        "msg-max-id": 3,
+        "msg-max-size": 262144,
     }
     assert {key: current[key] for key in expected} == expected
-    for key in ("id", "version", "hostname", "pid", "start", "current-uptime", "db-file",
-                "current-topics", "current-subscriptions", "msg-timeouts", "msg-retention",
-                "msg-discarded", "channel-drain", "publish", "publish-skipped",
-                "subscription-add", "subscription-delete"):
+    for key in (
+        "id",
+        "version",
+        "hostname",
+        "pid",
+        "start",
+        "current-uptime",
+        "db-file",
+        "current-topics",
+        "current-subscriptions",
+        "msg-timeouts",
+        "msg-retention",
+        "msg-discarded",
+        "channel-drain",
+        "publish",
+        "publish-skipped",
+        "subscription-add",
+        "subscription-delete",
+    ):
         assert key in current
     await get(client, "a")
     assert (await server_stats(client))["current-messages-hidden"] == 1
 
 
-async def test_stats_hide_the_database_password(make_client: ClientFactory, backend: str
-                                                ) -> None:
+async def test_stats_hide_the_database_password(make_client: ClientFactory, backend: str) -> None:
     client = await make_client()
     assert "db-file" in await server_stats(client)
     if backend == "postgresql":
-        assert ":***@" in (await server_stats(client))["db-file"] or "@" in (
-            await server_stats(client))["db-file"]
+        assert (
+            ":***@" in (await server_stats(client))["db-file"]
+            or "@" in (await server_stats(client))["db-file"]
+        )
 
 
-async def test_in_memory_default_serves_concurrent_requests(make_client: ClientFactory
-                                                            ) -> None:
+async def test_in_memory_default_serves_concurrent_requests(make_client: ClientFactory) -> None:
     client = await make_client(db="sqlite+aiosqlite://")
     ids = await asyncio.gather(*(add(client, f"c{i % 3}", f"m{i}") for i in range(60)))
     assert len(set(ids)) == 60

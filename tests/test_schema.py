@@ -1,0 +1,98 @@
+"""Migrations match the tables, and the claim query's plan reads the index in order."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from linger import db
+from linger.driver import Driver
+from linger.storage import Storage
+
+from .conftest import _admin
+
+
+@pytest.fixture
+async def fresh_url(database_url: str, request: pytest.FixtureRequest) -> str:
+    """An empty database on the test's backend."""
+    url = sa.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return database_url
+    admin = request.getfixturevalue("postgres_admin_url")
+    await _admin(
+        admin, "DROP DATABASE IF EXISTS linger_fresh WITH (FORCE)", "CREATE DATABASE linger_fresh"
+    )
+    return url.set(database="linger_fresh").render_as_string(hide_password=False)
+
+
+def _diff(connection: sa.Connection) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, db.metadata))
+
+
+def _downgrade(connection: sa.Connection) -> None:
+    command.downgrade(db.alembic_config(connection), "base")
+
+
+def _tables(connection: sa.Connection) -> set[str]:
+    return set(sa.inspect(connection).get_table_names())
+
+
+async def _engine(url: str) -> AsyncEngine:
+    return db.create_engine(url)
+
+
+async def test_upgrade_matches_the_tables_and_downgrade_removes_them(fresh_url: str) -> None:
+    engine = await _engine(fresh_url)
+    try:
+        await db.upgrade(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+        await db.check_schema(engine)
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_tables) <= {"alembic_version"}
+        await db.upgrade(engine)
+        async with engine.connect() as conn:
+            assert {"messages", "channels", "subscriptions", "server"} <= await conn.run_sync(
+                _tables
+            )
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_claim_plan_follows_the_index_without_sorting(postgres_url: str) -> None:
+    engine = db.create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+            await conn.exec_driver_sql(
+                "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic,"
+                " content_type, body, created_at, visible_at, dead_at, deliveries)"
+                " SELECT 'c' || (i % 100), i % 3, 30, 0, 0, '', 'text/plain', 'x', 0, 0,"
+                " NULL, 0 FROM generate_series(1, 60000) AS i"
+            )
+            await conn.exec_driver_sql("ANALYZE messages")
+        storage = Storage(Driver(engine), time.time)
+        claim = storage._claim
+        args = claim.args({"channel": "c7", "now": int(time.time() * 1000)})
+        async with engine.connect() as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert raw is not None
+            plan = "\n".join(r[0] for r in await raw.fetch("EXPLAIN " + claim.sql, *args))
+        assert "ix_messages_channel_priority_id_visible_at" in plan, plan
+        assert "Sort" not in plan, plan
+        assert "Seq Scan" not in plan, plan
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+        await engine.dispose()
