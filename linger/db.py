@@ -102,7 +102,9 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
     url = sa.make_url(url)
     if url.get_backend_name() != "sqlite":
         return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=False)
-    options: dict[str, Any] = {"connect_args": {"timeout": 30}}
+    # A rollback on every check-in would cost a thread hop; the reset hook below rolls
+    # back only a connection that is really inside a transaction.
+    options: dict[str, Any] = {"connect_args": {"timeout": 30}, "pool_reset_on_return": None}
     if is_memory_sqlite(url):
         # One connection holds the whole in-memory database: checkouts must queue for it
         # (StaticPool would share it between concurrent transactions), and it must never
@@ -130,6 +132,11 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
             cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, _record: Any, state: Any) -> None:
+        if state.asyncio_safe and dbapi_connection.driver_connection.in_transaction:
+            dbapi_connection.rollback()
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:

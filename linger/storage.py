@@ -18,6 +18,9 @@ s = subscriptions
 
 # Channels that were long-polled this recently are listed even when empty.
 POLLED_TTL_MS = 180_000
+# visible_at of a new message: ready whatever "now" a concurrent claim computed (on this
+# host or another one whose clock is a little behind).
+READY = 0
 # Durations are capped (about 31,700 years) so that no time computed in SQL overflows.
 MAX_SECONDS = 10**12
 _MAX_SECONDS_SQL = sa.literal_column(str(MAX_SECONDS), sa.BigInteger)
@@ -187,9 +190,9 @@ def _publish_stmt(*, hlm: bool) -> sa.ClauseElement:
         _param("content_type", sa.Text),
         _param("body", sa.LargeBinary),
         now,
-        now,
+        sa.literal_column(str(READY), sa.BigInteger),
         sa.case((s.c.linger > 0, now + _ms_sql(s.c.linger)), else_=sa.null()),
-        sa.literal_column("0", sa.BigInteger),
+        sa.literal_column("0", sa.BigInteger),  # deliveries
     ).where(s.c.topic == _param("topic", sa.String))
     if hlm:
         rows = rows.where(_count_alive(s.c.channel, now) < _param("hlm"))
@@ -344,7 +347,7 @@ class Storage:
             "content_type": content_type,
             "body": body,
             "created_at": now,
-            "visible_at": now,
+            "visible_at": READY,
             "deliveries": 0,
             "now": now,
             "hlm": hlm,
