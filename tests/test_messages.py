@@ -500,3 +500,37 @@ async def test_raw_url_is_not_affected_by_query_msg_on_get(client: Client) -> No
     await add(client, "c", "m")
     response = await client.get(raw("/channels/c?nowait=1&msg=zzz"))
     assert await response.read() == b"m"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"garbage"),
+        ("multipart/form-data; boundary=xx", b"garbage"),
+        (
+            "multipart/form-data; boundary=xx",
+            b'--xx\r\nContent-Disposition: form-data; name="msg"\r\n\r\nhello\r\n--xx',
+        ),
+        ("application/x-www-form-urlencoded", b"%FF=1&msg=x"),
+        ("application/x-www-form-urlencoded", b"msg=\xff"),
+    ],
+)
+async def test_malformed_form_is_400_and_adds_nothing(
+    client: Client, content_type: str, body: bytes
+) -> None:
+    response = await client.post("/channels/c", data=body, headers={"Content-Type": content_type})
+    await error(response, 400)
+    assert (await stats(client, "c"))["ready"] == 0
+
+
+async def test_huge_declared_form_is_413_without_reading(client: Client) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"POST /channels/c HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 99999999999\r\n\r\nmsg="
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")

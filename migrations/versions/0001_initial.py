@@ -38,12 +38,16 @@ def upgrade() -> None:
         sa.Column("deliveries", sa.BigInteger, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_messages"),
         sqlite_autoincrement=True,
+        postgresql_with={
+            "fillfactor": 80,
+            "autovacuum_vacuum_scale_factor": 0.0,
+            "autovacuum_vacuum_threshold": 1000,
+            "autovacuum_vacuum_insert_scale_factor": 0.0,
+            "autovacuum_vacuum_insert_threshold": 10000,
+            "autovacuum_vacuum_cost_delay": 0,
+        },
     )
-    op.create_index(
-        "ix_messages_channel_priority_id_visible_at",
-        "messages",
-        ["channel", "priority", "id", "visible_at"],
-    )
+    op.create_index("ix_messages_channel_priority_id", "messages", ["channel", "priority", "id"])
     op.create_index("ix_messages_dead_at", "messages", ["dead_at"])
     op.create_table(
         "channels",
@@ -76,5 +80,5 @@ def downgrade() -> None:
     op.drop_table("subscriptions")
     op.drop_table("channels")
     op.drop_index("ix_messages_dead_at", table_name="messages")
-    op.drop_index("ix_messages_channel_priority_id_visible_at", table_name="messages")
+    op.drop_index("ix_messages_channel_priority_id", table_name="messages")
     op.drop_table("messages")
