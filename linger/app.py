@@ -16,9 +16,10 @@ from linger import __version__, db, errors
 from linger.broker import Broker
 from linger.config import Settings
 from linger.driver import Driver
+from linger.listener import Listener
 from linger.notifier import Notifier
 from linger.storage import Storage
-from linger.web import BROKER, ROUTES, SERVER_ID, SETTINGS, STARTED, error_middleware
+from linger.web import BROKER, LISTENER, ROUTES, SERVER_ID, SETTINGS, STARTED, error_middleware
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,25 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             await db.prepare(engine, migrate=settings.migrate)
             async with engine.begin() as conn:
                 app[SERVER_ID] = await db.server_id(conn, uuid.uuid4().hex)
+            origin = uuid.uuid4().hex
+            driver = Driver(engine)
             broker = Broker(
-                Storage(Driver(engine), clock),
+                Storage(driver, clock, origin),
                 Notifier(),
                 hlm=settings.hlm,
                 poll_interval=settings.poll_interval,
             )
             app[BROKER] = broker
-            poller = asyncio.create_task(broker.run_poller())
-            sweeper = asyncio.create_task(broker.run_sweeper(settings.sweep_interval))
+            tasks = [
+                asyncio.create_task(broker.run_poller()),
+                asyncio.create_task(broker.run_sweeper(settings.sweep_interval)),
+            ]
+            if driver.postgres:
+                listener = Listener(
+                    engine.url, origin, broker.notifier.notify, on_connect=broker.poll_soon
+                )
+                app[LISTENER] = listener
+                tasks.append(asyncio.create_task(listener.run()))
             logger.info(
                 "Linger %s on http://%s:%d, database %s",
                 __version__,
@@ -54,8 +65,8 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 settings.db_display,
             )
             yield
-            await _stop(poller)
-            await _stop(sweeper)
+            for task in tasks:
+                await _stop(task)
         finally:
             await engine.dispose()
 

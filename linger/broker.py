@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import suppress
 
 from linger import errors
 from linger.notifier import Notifier
@@ -15,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # The ready-message query of the poller names at most this many channels at once.
 _POLL_BATCH = 500
+# Poll this long after a hidden message's visible_at, so that it is visible by then.
+_VISIBLE_SLACK = 0.002
 
 
 class Broker:
@@ -28,6 +31,7 @@ class Broker:
         self.hlm = hlm
         self.poll_interval = poll_interval
         self.counters: Counter[str] = Counter()
+        self._poll_soon = asyncio.Event()
 
     async def add(self, channel: str, body: bytes, content_type: str, options: Options) -> int:
         """Store a message and wake one consumer waiting on its channel."""
@@ -88,27 +92,48 @@ class Broker:
                 self.counters["msg-timeouts"] += 1
         return message
 
-    async def poll_once(self) -> None:
+    async def poll_once(self) -> float | None:
         """Wake waiters of channels where messages became ready without an add in this
         process (visibility timeouts ran out, other processes added), and drop waiters
-        whose client disconnected."""
+        whose client disconnected. Return the clock time (s) at which the next hidden
+        message of a waited-on channel becomes visible, if any."""
         self.notifier.prune()
         waiting = self.notifier.channels()
         names = list(waiting)
+        soonest: int | None = None
         for start in range(0, len(names), _POLL_BATCH):
-            ready = await self.storage.ready_counts(names[start : start + _POLL_BATCH])
-            for channel, count in ready.items():
-                self.notifier.notify(channel, min(count, waiting[channel]))
+            state = await self.storage.readiness(names[start : start + _POLL_BATCH])
+            for channel, (ready, next_visible) in state.items():
+                if ready:
+                    self.notifier.notify(channel, min(ready, waiting[channel]))
+                if next_visible is not None and (soonest is None or next_visible < soonest):
+                    soonest = next_visible
+        return None if soonest is None else soonest / 1000
+
+    def poll_soon(self) -> None:
+        """Run the poller now rather than at its next interval."""
+        self._poll_soon.set()
 
     async def run_poller(self) -> None:
+        """Poll every ``poll_interval``, and also right when a hidden message that a
+        consumer waits for becomes visible again."""
+        delay = self.poll_interval
         while not self.notifier.closed:
-            await asyncio.sleep(self.poll_interval)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_soon.wait(), delay)
+            self._poll_soon.clear()
+            delay = self.poll_interval
             try:
-                await self.poll_once()
+                next_visible = await self.poll_once()
             except errors.Unavailable as error:
                 logger.warning("poller: %s", error)
+                continue
             except Exception:
                 logger.exception("poller failed")
+                continue
+            if next_visible is not None:
+                until = next_visible - self.storage.now() / 1000 + _VISIBLE_SLACK
+                delay = max(0.0, min(delay, until))
 
     async def sweep(self) -> None:
         retention, discarded = await self.storage.sweep()

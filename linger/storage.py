@@ -18,6 +18,8 @@ s = subscriptions
 
 # Channels that were long-polled this recently are listed even when empty.
 POLLED_TTL_MS = 180_000
+# The PostgreSQL NOTIFY channel that announces new messages to every Linger process.
+NOTIFY_CHANNEL = "linger"
 # visible_at of a new message: ready whatever "now" a concurrent claim computed (on this
 # host or another one whose clock is a little behind).
 READY = 0
@@ -127,15 +129,27 @@ _INSERT_TYPES: dict[str, Any] = {
 }
 
 
-def _add_stmt(*, hlm: bool) -> sa.ClauseElement:
-    """Insert one message, returning its id; with ``hlm``, only while the channel holds
-    fewer than :hlm live messages (no row returned otherwise)."""
+def _add_stmt(*, hlm: bool) -> sa.Insert:
+    """Insert one message; with ``hlm``, only while the channel holds fewer than :hlm live
+    messages."""
     binds = [_param(name, type_) for name, type_ in _INSERT_TYPES.items()]
     if not hlm:
-        return sa.insert(m).values({b.key: b for b in binds}).returning(m.c.id)
+        return sa.insert(m).values({b.key: b for b in binds})
     below_mark = _count_alive(_param("channel", sa.String), _param("now")) < _param("hlm")
     rows = sa.select(*binds).where(below_mark)
-    return sa.insert(m).from_select(list(_INSERT_TYPES), rows).returning(m.c.id)
+    return sa.insert(m).from_select(list(_INSERT_TYPES), rows)
+
+
+def _announced(stmt: sa.Insert, *, postgres: bool) -> sa.ClauseElement:
+    """``stmt`` returning (channel, id) of each inserted message. On PostgreSQL it also
+    NOTIFYs every inserted message's channel, tagged with :origin (the process), in the
+    same statement: the notifications go out at commit, and a rollback sends none."""
+    stmt = stmt.returning(m.c.channel, m.c.id)
+    if not postgres:
+        return stmt
+    inserted = stmt.cte("inserted")
+    payload = sa.func.concat(_param("origin", sa.String), ":", inserted.c.channel)
+    return sa.select(inserted.c.channel, inserted.c.id, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
 
 
 def _claim_stmt() -> sa.ClauseElement:
@@ -176,9 +190,9 @@ def _touch_stmt() -> sa.ClauseElement:
     )
 
 
-def _publish_stmt(*, hlm: bool) -> sa.ClauseElement:
+def _publish_stmt(*, hlm: bool) -> sa.Insert:
     """Copy the message into every channel subscribed to :topic with the subscription's
-    options (with ``hlm``, skipping channels at the mark), returning (channel, id)."""
+    options (with ``hlm``, skipping channels at the mark)."""
     now = _param("now")
     rows = sa.select(
         s.c.channel,
@@ -196,7 +210,7 @@ def _publish_stmt(*, hlm: bool) -> sa.ClauseElement:
     ).where(s.c.topic == _param("topic", sa.String))
     if hlm:
         rows = rows.where(_count_alive(s.c.channel, now) < _param("hlm"))
-    return sa.insert(m).from_select(list(_INSERT_TYPES), rows).returning(m.c.channel, m.c.id)
+    return sa.insert(m).from_select(list(_INSERT_TYPES), rows)
 
 
 _LIST_CHANNELS = sa.text(
@@ -218,14 +232,16 @@ _LIST_CHANNELS = sa.text(
 class Storage:
     """Linger's data operations over ``driver``; times come from ``clock`` (epoch s)."""
 
-    def __init__(self, driver: Driver, clock: Callable[[], float]) -> None:
+    def __init__(self, driver: Driver, clock: Callable[[], float], origin: str = "") -> None:
         self._driver = driver
         self._clock = clock
+        self.origin = origin
         insert = postgresql.insert if driver.postgres else sqlite.insert
         prepare = driver.prepare
         now = _param("now")
-        self._add = prepare(_add_stmt(hlm=False))
-        self._add_below_mark = prepare(_add_stmt(hlm=True))
+        postgres = driver.postgres
+        self._add = prepare(_announced(_add_stmt(hlm=False), postgres=postgres))
+        self._add_below_mark = prepare(_announced(_add_stmt(hlm=True), postgres=postgres))
         self._lock_channel = (
             prepare(
                 sa.select(
@@ -308,8 +324,8 @@ class Storage:
             )
             .returning(s.c.channel)
         )
-        self._publish = prepare(_publish_stmt(hlm=False))
-        self._publish_below_mark = prepare(_publish_stmt(hlm=True))
+        self._publish = prepare(_announced(_publish_stmt(hlm=False), postgres=postgres))
+        self._publish_below_mark = prepare(_announced(_publish_stmt(hlm=True), postgres=postgres))
         self._subscribers = prepare(
             sa.select(s.c.channel)
             .where(s.c.topic == _param("topic", sa.String))
@@ -351,6 +367,7 @@ class Storage:
             "deliveries": 0,
             "now": now,
             "hlm": hlm,
+            "origin": self.origin,
             "dead_at": now + _ms(options.linger) if options.linger > 0 else None,
         }
         async with self._driver.connect() as conn:
@@ -369,7 +386,7 @@ class Storage:
                 raise errors.ChannelFull(
                     f"Channel {channel} is at the high-level mark with {count} messages"
                 )
-        return int(row[0])
+        return int(row[1])
 
     async def claim_message(self, channel: str) -> Message | None:
         """Deliver the next ready message of ``channel``, or None when there is none."""
@@ -419,16 +436,19 @@ class Storage:
         until = self.now() + int(wait * 1000)
         await self._fetch(self._mark_polled, channel=channel, now=until)
 
-    async def ready_counts(self, names: Iterable[str]) -> dict[str, int]:
-        """How many ready live messages each of ``names`` has (absent: none)."""
+    async def readiness(self, names: Iterable[str]) -> dict[str, tuple[int, int | None]]:
+        """For each of ``names`` with live messages: (how many are ready, when the next
+        hidden one becomes visible, in clock milliseconds, or None)."""
         now = sa.bindparam("now", self.now(), type_=sa.BigInteger)
+        ready = sa.func.sum(sa.case((m.c.visible_at <= now, 1), else_=0))
+        next_visible = sa.func.min(sa.case((m.c.visible_at > now, m.c.visible_at)))
         stmt = (
-            sa.select(m.c.channel, sa.func.count())
-            .where(m.c.channel.in_(list(names)), m.c.visible_at <= now, _alive(now))
+            sa.select(m.c.channel, ready, next_visible)
+            .where(m.c.channel.in_(list(names)), _alive(now))
             .group_by(m.c.channel)
         )
         rows = await self._fetch(self._driver.prepare(stmt))
-        return {row[0]: int(row[1]) for row in rows}
+        return {row[0]: (int(row[1]), None if row[2] is None else int(row[2])) for row in rows}
 
     async def sweep(self) -> tuple[int, int]:
         """Delete messages past their retention or their delivery limit, and forget
@@ -467,6 +487,7 @@ class Storage:
             "content_type": content_type,
             "now": self.now(),
             "hlm": hlm,
+            "origin": self.origin,
         }
         async with self._driver.connect() as conn:
             if hlm <= 0:

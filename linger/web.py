@@ -13,12 +13,14 @@ from aiohttp import web
 from linger import __version__, errors, params
 from linger.broker import Broker
 from linger.config import Settings
+from linger.listener import Listener
 from linger.storage import Message
 
 BROKER = web.AppKey("broker", Broker)
 SETTINGS = web.AppKey("settings", Settings)
 SERVER_ID = web.AppKey("server_id", str)
 STARTED = web.AppKey("started", float)
+LISTENER = web.AppKey("listener", Listener)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -243,6 +245,8 @@ async def get_stats(request: web.Request) -> web.Response:
         "hlm": settings.hlm,
     }
     stats.update({name: broker.counters[name] for name in _COUNTERS})
+    if LISTENER in app:
+        stats["listener-connected"] = app[LISTENER].connected.is_set()
     return web.json_response(stats)
 
 

@@ -87,7 +87,7 @@ async def test_expired_visibility_timeout_reaches_waiter_within_a_second(
     elapsed = asyncio.get_running_loop().time() - started
     assert response.headers["x-linger-msg-id"] == str(message_id)
     assert response.headers["x-linger-delivered"] == "2"
-    assert elapsed < 2.1
+    assert elapsed < 1.5  # visible after 1 s, delivered at once
 
 
 async def test_long_polled_channel_is_listed_for_180_seconds(
