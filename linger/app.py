@@ -100,7 +100,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(settings: Settings) -> None:
+# The client as nginx saw it (X-Forwarded-For), then the peer, the request and its result.
+ACCESS_LOG_FORMAT = '%{X-Forwarded-For}i %a "%r" %s %b %Tf'
+
+
+def run(settings: Settings, *, reuse_port: bool = False) -> None:
     """Serve until SIGINT or SIGTERM; exit 1 with one line when the database is unusable."""
     access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
     try:
@@ -109,8 +113,10 @@ def run(settings: Settings) -> None:
             host=settings.host,
             port=settings.port,
             access_log=access_log,
+            access_log_format=ACCESS_LOG_FORMAT,
             shutdown_timeout=5,
             print=None,
+            reuse_port=reuse_port,
             loop=_new_loop(),
         )
     except (errors.SchemaOutdated, errors.Unavailable) as error:

@@ -100,6 +100,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         _DEFAULTS.migrate,
         "apply pending database migrations at start (SQLite always does)",
     ),
+    (
+        "workers",
+        _bounded_int(1, 256),
+        _DEFAULTS.workers,
+        "server processes sharing the port (SO_REUSEPORT); needs --dbfile or --db",
+    ),
     ("access-log", _boolean, _DEFAULTS.access_log, "log every request"),
     (
         "log-level",
@@ -190,7 +196,13 @@ def parse_settings(
         parser.error("--dbfile and --db cannot be used together")
     dbfile, db = values.pop("dbfile"), values.pop("db")
     database = sqlite_url(str(Path(dbfile).absolute())) if dbfile else db or _DEFAULTS.db
-    return Settings(db=database, **values)
+    settings = Settings(db=database, **values)
+    if settings.workers > 1 and settings.in_memory:
+        parser.error(
+            "--workers needs a database the processes share (--dbfile or --db): "
+            "the in-memory database lives in one process"
+        )
+    return settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -201,6 +213,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
-    from linger.app import run
+    if settings.workers > 1:
+        from linger.workers import supervise
 
-    run(settings)
+        supervise(settings)
+    else:
+        from linger.app import run
+
+        run(settings)

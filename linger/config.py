@@ -23,6 +23,12 @@ class Settings:
     migrate: bool = False
     access_log: bool = False
     log_level: str = "INFO"
+    workers: int = 1
+
+    @property
+    def in_memory(self) -> bool:
+        url = sa.make_url(self.db)
+        return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
     @property
     def db_display(self) -> str:

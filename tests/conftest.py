@@ -12,7 +12,7 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +28,7 @@ from linger.app import create_app
 from linger.config import Settings
 
 from .pgcluster import Cluster
+from .processes import Server
 
 for _name in [name for name in os.environ if name.startswith("LINGER_")]:
     if not _name.startswith("LINGER_TEST_"):
@@ -75,6 +76,20 @@ async def _admin(url: str, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test marked for one backend does not run on the other one's parameter."""
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("database_url") if callspec else None
+        other = {"sqlite": "postgres", "postgres": "sqlite"}.get(str(backend))
+        (drop if other and item.get_closest_marker(other) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture(scope="session")
@@ -168,3 +183,19 @@ def make_client(aiohttp_client: Any, settings: Settings, clock: Clock) -> Client
 @pytest.fixture
 async def client(make_client: ClientFactory) -> TestClient[Any, Any]:
     return await make_client()
+
+
+@pytest.fixture
+def server_args(database_url: str) -> list[str]:
+    url = sa.make_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        return ["--dbfile", str(url.database)]
+    return ["--db", database_url]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()

@@ -1,0 +1,112 @@
+"""``--workers N``: N server processes on one port (SO_REUSEPORT), under a supervisor.
+
+The supervisor prepares the database once (migrations or the schema check), then forks
+the workers. SIGTERM or SIGINT stops every worker gracefully (each answers its waiting
+consumers 204 and finishes its requests) and exits 0; SIGHUP replaces the workers one by
+one, starting the new one before stopping the old, so the port never goes unserved. A
+worker that dies is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from linger import db, errors
+from linger.app import run
+from linger.config import Settings
+
+logger = logging.getLogger(__name__)
+
+_STOP_TIMEOUT = 10.0
+_RESTART_DELAY = 1.0
+
+
+def _worker(settings: Settings) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    run(settings, reuse_port=True)
+
+
+async def _prepare(settings: Settings) -> None:
+    engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
+    try:
+        await db.prepare(engine, migrate=settings.migrate)
+    finally:
+        await engine.dispose()
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.context = multiprocessing.get_context("fork")
+        self.workers: list[BaseProcess] = []
+        self.stopping = False
+        self.reload = False
+
+    def spawn(self) -> BaseProcess:
+        worker = self.context.Process(target=_worker, args=(self.settings,), daemon=False)
+        worker.start()
+        logger.info("worker %s started", worker.pid)
+        return worker
+
+    def stop(self, worker: BaseProcess) -> None:
+        if worker.is_alive() and worker.pid is not None:
+            worker.terminate()  # SIGTERM: graceful
+        worker.join(_STOP_TIMEOUT)
+        if worker.is_alive():
+            logger.warning(
+                "worker %s did not stop in %.0f s; killing it", worker.pid, _STOP_TIMEOUT
+            )
+            worker.kill()
+            worker.join()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self.reload = True
+        else:
+            self.stopping = True
+
+    def _replace_all(self) -> None:
+        for index, old in enumerate(list(self.workers)):
+            self.workers[index] = self.spawn()
+            time.sleep(0.5)  # let the new worker bind before the old one stops
+            self.stop(old)
+        logger.info("all workers replaced")
+
+    def run(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        self.workers = [self.spawn() for _ in range(self.settings.workers)]
+        while not self.stopping:
+            time.sleep(0.1)
+            if self.reload:
+                self.reload = False
+                self._replace_all()
+            for index, worker in enumerate(self.workers):
+                if not worker.is_alive() and not self.stopping:
+                    logger.error(
+                        "worker %s exited with %s; restarting it", worker.pid, worker.exitcode
+                    )
+                    time.sleep(_RESTART_DELAY)
+                    self.workers[index] = self.spawn()
+        for worker in self.workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in self.workers:
+            self.stop(worker)
+        logger.info("all workers stopped")
+
+
+def supervise(settings: Settings) -> None:
+    """Run ``settings.workers`` server processes until SIGTERM or SIGINT."""
+    try:
+        asyncio.run(_prepare(settings))
+    except (errors.SchemaOutdated, errors.Unavailable) as error:
+        sys.exit(f"linger: {error}")
+    Supervisor(settings).run()

@@ -1,0 +1,363 @@
+"""Several Linger processes on one database: wake-ups, exactly-once draining, the mark,
+listings, the listener's reconnection, --workers, and nginx in front."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+import sqlalchemy as sa
+
+from .conftest import _asyncpg_dsn
+from .processes import Server, free_port, start_server
+
+HEADERS = {"Content-Type": "text/plain"}
+
+
+async def _json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as response:
+        assert response.status == 200
+        return await response.json()
+
+
+async def _until(predicate: Any, seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def _waiters(session: aiohttp.ClientSession, server: Server, count: int) -> None:
+    async def waiting() -> bool:
+        return bool((await _json(session, f"{server.base}/stats"))["current-waiters"] == count)
+
+    await _until(waiting)
+
+
+async def _add(
+    session: aiohttp.ClientSession, server: Server, channel: str, body: bytes = b"m"
+) -> int:
+    async with session.post(
+        f"{server.base}/channels/{channel}", data=body, headers=HEADERS
+    ) as response:
+        assert response.status == 202, await response.text()
+        return int((await response.json())["id"])
+
+
+async def _poll_wakeup(
+    session: aiohttp.ClientSession, consumer: Server, producer: Server, channel: str
+) -> float:
+    """Seconds from an add through ``producer`` to its delivery by ``consumer``."""
+
+    async def consume() -> tuple[int, float]:
+        async with session.get(f"{consumer.base}/channels/{channel}") as response:
+            await response.read()
+            assert response.status == 200
+            return int(response.headers["x-linger-msg-id"]), time.perf_counter()
+
+    waiting = asyncio.create_task(consume())
+    await _waiters(session, consumer, 1)
+    sent = time.perf_counter()
+    message_id = await _add(session, producer, channel)
+    got_id, received = await asyncio.wait_for(waiting, 5)
+    assert got_id == message_id
+    return received - sent
+
+
+@pytest.fixture
+async def pair(servers: list[Server], server_args: list[str]) -> list[Server]:
+    """Two server processes on the test's database; their fallback poll is slow (5 s), so
+    that quick cross-process deliveries on PostgreSQL prove the notifications work."""
+    return [await start_server(servers, *server_args, "--poll-interval", "5") for _ in range(2)]
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client_session:
+        yield client_session
+
+
+@pytest.mark.postgres
+async def test_cross_process_wakeup_p99_under_100ms(
+    pair: list[Server], session: aiohttp.ClientSession, backend: str
+) -> None:
+    a, b = pair
+    latencies = sorted([await _poll_wakeup(session, a, b, "x") for _ in range(100)])
+    p99 = latencies[98]
+    assert p99 < 0.1, f"p50 {latencies[49]:.4f} s, p99 {p99:.4f} s"
+
+
+@pytest.mark.sqlite
+async def test_shared_sqlite_file_wakes_other_process_by_polling(
+    servers: list[Server],
+    server_args: list[str],
+    session: aiohttp.ClientSession,
+    backend: str,
+) -> None:
+    a, b = [await start_server(servers, *server_args, "--poll-interval", "0.1") for _ in range(2)]
+    for _ in range(5):
+        assert await _poll_wakeup(session, a, b, "shared") < 1.0
+
+
+async def test_sixteen_consumers_over_two_processes_drain_each_message_once(
+    pair: list[Server], session: aiohttp.ClientSession, database_url: str, backend: str
+) -> None:
+    total = 5000 if backend == "postgresql" else 2000
+    produced = await asyncio.gather(
+        *(_add(session, pair[i % 2], "work", f"m{i}".encode()) for i in range(200))
+    )
+    await _bulk_insert(database_url, "work", total - len(produced))
+    received: list[int] = []
+    redelivered: list[int] = []
+
+    async def consumer(server: Server) -> None:
+        while True:
+            async with session.get(f"{server.base}/channels/work?nowait") as response:
+                await response.read()
+                if response.status == 204:
+                    return
+                received.append(int(response.headers["x-linger-msg-id"]))
+                if response.headers["x-linger-delivered"] != "1":
+                    redelivered.append(received[-1])
+            async with session.delete(f"{server.base}/messages/{received[-1]}") as deleted:
+                assert deleted.status == 204
+
+    started = time.monotonic()
+    await asyncio.gather(*(consumer(pair[i % 2]) for i in range(16)))
+    assert time.monotonic() - started < 30  # no visibility timeout (30 s) ran out
+    assert len(received) == total
+    assert len(set(received)) == total
+    assert redelivered == []
+    assert set(produced) <= set(received)
+
+
+async def _bulk_insert(database_url: str, channel: str, count: int) -> None:
+    """Queue ``count`` messages directly in the database (test set-up only)."""
+    rows = [(channel, 0, 30, 0, 0, "", "text/plain", b"bulk", 0, 0, None, 0)] * count
+    sql = (
+        "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic, "
+        "content_type, body, created_at, visible_at, dead_at, deliveries) VALUES "
+    )
+    if sa.make_url(database_url).get_backend_name() == "sqlite":
+        import sqlite3
+
+        path = str(sa.make_url(database_url).database)
+
+        def insert() -> None:
+            with sqlite3.connect(path, timeout=30) as conn:
+                conn.executemany(sql + "(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+        await asyncio.to_thread(insert)
+        return
+    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    try:
+        await conn.executemany(sql + "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)", rows)
+    finally:
+        await conn.close()
+
+
+async def test_high_level_mark_is_exact_across_processes(
+    servers: list[Server], server_args: list[str], session: aiohttp.ClientSession
+) -> None:
+    a, b = [await start_server(servers, *server_args, "--hlm", "10") for _ in range(2)]
+
+    async def post(server: Server, i: int) -> int:
+        async with session.post(
+            f"{server.base}/channels/capped", data=f"m{i}".encode(), headers=HEADERS
+        ) as response:
+            await response.read()
+            return response.status
+
+    statuses = await asyncio.gather(*(post((a, b)[i % 2], i) for i in range(60)))
+    assert sorted(statuses) == [202] * 10 + [507] * 50
+    for server in (a, b):
+        assert await _json(session, f"{server.base}/channels/capped/stats") == {
+            "ready": 10,
+            "hidden": 0,
+        }
+
+
+async def test_every_process_gives_the_same_answers(
+    pair: list[Server], session: aiohttp.ClientSession
+) -> None:
+    a, b = pair
+    waiting = asyncio.create_task(session.get(f"{a.base}/channels/polled"))
+    await _waiters(session, a, 1)
+    await _add(session, b, "busy")
+    async with session.put(f"{b.base}/channels/sub/topics/t") as response:
+        assert response.status == 204
+    expected = ["busy", "polled", "sub"]
+    for server in pair:
+        assert (await _json(session, f"{server.base}/channels"))["channels"] == expected
+        assert (await _json(session, f"{server.base}/topics"))["topics"] == ["t"]
+    ids = {(await _json(session, f"{server.base}/"))["id"] for server in pair}
+    assert len(ids) == 1
+    stats = [await _json(session, f"{server.base}/stats") for server in pair]
+    for key in (
+        "current-channels",
+        "current-messages",
+        "msg-max-id",
+        "current-subscriptions",
+        "id",
+    ):
+        assert stats[0][key] == stats[1][key], key
+    waiting.cancel()
+
+
+@pytest.mark.postgres
+async def test_killed_listener_connection_is_reestablished(
+    pair: list[Server], session: aiohttp.ClientSession, database_url: str
+) -> None:
+    a, b = pair
+    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    try:
+        killed = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'linger-listener'"
+        )
+        assert len(killed) == 2
+
+        async def reconnected() -> bool:
+            count = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'linger-listener'"
+            )
+            return bool(count == 2) and all(
+                [(await _json(session, f"{s.base}/stats"))["listener-connected"] for s in pair]
+            )
+
+        await _until(reconnected, 10)
+    finally:
+        await conn.close()
+    for _ in range(5):
+        assert await _poll_wakeup(session, a, b, "after") < 0.5
+
+
+async def test_workers_share_one_port_and_stop_gracefully(
+    servers: list[Server], server_args: list[str], session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(servers, *server_args, "--workers", "2")
+    pids: set[int] = set()
+    deadline = time.monotonic() + 10
+    while len(pids) < 2:
+        assert time.monotonic() < deadline, "requests never reached a second worker"
+        async with aiohttp.ClientSession() as fresh:  # a new connection each time
+            pids.add((await _json(fresh, f"{server.base}/stats"))["pid"])
+    message_id = await _add(session, server, "w")
+    waiting = [
+        asyncio.create_task(session.get(f"{server.base}/channels/idle{i}")) for i in range(4)
+    ]
+    await asyncio.sleep(0.3)
+    server.signal(signal.SIGTERM)
+    responses = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert [r.status for r in responses] == [204] * 4
+    assert await asyncio.to_thread(server.wait, 15) == 0
+    restarted = await start_server(servers, *server_args)
+    async with session.get(f"{restarted.base}/channels/w?nowait") as response:
+        assert response.headers["x-linger-msg-id"] == str(message_id)
+
+
+# -- nginx -------------------------------------------------------------------------------
+
+
+def _nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None
+    )
+
+
+@pytest.fixture
+def nginx(pair: list[Server]) -> Any:
+    binary = _nginx_binary()
+    if binary is None:
+        if os.environ.get("LINGER_TEST_REQUIRE_NGINX") == "1":
+            pytest.fail("nginx is required but not installed")
+        pytest.skip("nginx not installed")
+    conf = (Path(__file__).parent.parent / "deploy" / "nginx.conf").read_text()
+    port = free_port()
+    upstreams = "".join(f"        server 127.0.0.1:{s.port};\n" for s in pair)
+    prefix = Path(tempfile.mkdtemp(prefix="linger-nginx-"))
+    conf = (
+        conf.replace(
+            "pid /run/nginx.pid;",
+            f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\ndaemon off;",
+        )
+        .replace("        server 127.0.0.1:8989;\n        server 127.0.0.1:8990;\n", upstreams)
+        .replace("listen 80;", f"listen 127.0.0.1:{port};")
+        .replace(
+            "http {",
+            f"http {{\n    client_body_temp_path {prefix}/body;\n"
+            f"    proxy_temp_path {prefix}/proxy;",
+        )
+    )
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf
+    (prefix / "nginx.conf").write_text(conf)
+    process = subprocess.Popen(
+        [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield f"http://127.0.0.1:{port}", process
+    process.send_signal(signal.SIGQUIT)
+    process.wait(10)
+    shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.mark.postgres
+async def test_nginx_in_front_of_two_processes(
+    nginx: Any, pair: list[Server], session: aiohttp.ClientSession
+) -> None:
+    base, process = nginx
+
+    async def up() -> bool:
+        assert process.poll() is None, "nginx exited"
+        try:
+            async with session.get(base + "/") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await _until(up, 10)
+    async with session.post(
+        f"{base}/channels/via", data=b"through nginx", headers=HEADERS
+    ) as response:
+        assert response.status == 202
+        message_id = (await response.json())["id"]
+    async with session.get(f"{base}/channels/via?nowait") as response:
+        assert await response.read() == b"through nginx"
+        assert response.headers["x-linger-msg-id"] == str(message_id)
+    async with session.delete(f"{base}/messages/{message_id}") as response:
+        assert response.status == 204
+    # A long-poll answered through nginx, the message added through nginx too.
+    waiting = asyncio.create_task(session.get(f"{base}/channels/lp"))
+    await asyncio.sleep(0.3)
+    started = time.perf_counter()
+    async with session.post(f"{base}/channels/lp", data=b"late", headers=HEADERS) as posted:
+        assert posted.status == 202
+    response = await asyncio.wait_for(waiting, 5)
+    assert response.status == 200
+    assert await response.read() == b"late"
+    assert time.perf_counter() - started < 1
+    # Over --max-size: Linger's 413; far over it: nginx's own, both JSON.
+    async with session.post(
+        f"{base}/channels/big", data=io.BytesIO(b"x" * 300_000), headers=HEADERS
+    ) as response:
+        assert response.status == 413
+        assert await response.json() == {"error": "Message is larger than 262144 bytes."}
+    async with session.post(
+        f"{base}/channels/big", data=io.BytesIO(b"x" * 2_000_000), headers=HEADERS
+    ) as response:
+        assert response.status == 413
+        assert "error" in await response.json(content_type=None)
