@@ -67,6 +67,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             yield
             for task in tasks:
                 await _stop(task)
+            await driver.close()
         finally:
             await engine.dispose()
 

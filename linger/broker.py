@@ -68,9 +68,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         async with self.notifier.waiter(channel, alive) as waiter:
-            message = await self.storage.claim_message(channel)
-            if message is None:
-                await self.storage.mark_polled(channel, wait)
+            message = await self.storage.claim_message(channel, poll=wait)
             while message is None:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

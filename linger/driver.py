@@ -1,19 +1,37 @@
 """Runs precompiled SQLAlchemy Core statements on the pooled driver connection.
 
 SQLAlchemy's async layer costs several thread hops (aiosqlite) or extra round trips
-(asyncpg) per statement. The hot operations are compiled once per dialect here and
-executed directly on the DB-API driver connection checked out from SQLAlchemy's pool:
-one statement is one call to the driver, and one transaction on both backends (SQLite
-connections run in autocommit, see ``db.create_engine``). Nothing else sees a driver.
+(asyncpg) per statement, so the statements are compiled once per dialect and executed on
+the DB-API driver connection checked out from SQLAlchemy's pool. Nothing else sees a
+driver.
+
+An operation is a generator that yields ``(statement, parameters)`` and receives the
+rows, so that the same operation runs inside the SQLite worker thread and on asyncpg.
+
+Writes are group-committed: operations submitted while a transaction is running wait,
+and then run together in the next transaction, with one commit (one fsync) for all of
+them, on SQLite in a single hop to its thread. Each caller is answered only after that
+commit. When a transaction fails, its operations are retried one by one, so that one
+failing operation cannot fail the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import exc
@@ -23,6 +41,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
 
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 Row = Sequence[Any]
 
 
@@ -38,6 +59,11 @@ class Prepared:
         return [params[n] if n in params else self.defaults[n] for n in self.names]
 
 
+Query = tuple[Prepared, Mapping[str, Any]]
+Operation = Generator[Query, list[Row], T]
+# Operations run at most twice (a failed group is retried one by one): pass factories.
+OperationFactory = Callable[[], Operation[Any]]
+
 # Errors that mean the database cannot be reached now, not that the request is wrong.
 _UNREACHABLE: tuple[type[BaseException], ...] = (
     OSError,
@@ -46,13 +72,15 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
-
-
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     exc.OperationalError,
     exc.InterfaceError,
     *_UNREACHABLE,
 )
+# Most operations committed in one group.
+_GROUP_LIMIT = 128
+# Groups in flight at once on PostgreSQL.
+_POSTGRES_COMMITTERS = 4
 
 
 def _is_busy(error: BaseException) -> bool:
@@ -61,45 +89,79 @@ def _is_busy(error: BaseException) -> bool:
     )
 
 
-class Connection:
-    """A driver connection that runs ``Prepared`` statements."""
+def single(stmt: Prepared, params: Mapping[str, Any]) -> Operation[list[Row]]:
+    """An operation of one statement, returning its rows."""
+    return (yield stmt, params)
 
-    def __init__(self, conn: AsyncConnection, raw: Any, postgres: bool) -> None:
-        self._conn = conn
-        self._raw = raw
-        self._postgres = postgres
 
-    async def fetch(self, stmt: Prepared, params: Mapping[str, Any]) -> list[Row]:
-        if self._postgres:
-            return list(await self._raw.fetch(stmt.sql, *stmt.args(params)))
-        return list(await self._raw.execute_fetchall(stmt.sql, stmt.args(params)))
+class _Outcome:
+    """What one operation of a group came to: a value, or a domain error."""
 
-    async def fetchone(self, stmt: Prepared, params: Mapping[str, Any]) -> Row | None:
-        rows = await self.fetch(stmt, params)
-        return rows[0] if rows else None
+    __slots__ = ("error", "value")
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[None]:
-        """Several statements as one transaction (SQLite: taking the write lock first)."""
-        if self._postgres:
-            async with self._raw.transaction():
-                yield
-            return
-        await self._raw.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            await self._raw.execute("ROLLBACK")
-            raise
-        await self._raw.execute("COMMIT")
+    def __init__(self, value: Any = None, error: errors.LingerError | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+def _drive_sync(conn: sqlite3.Connection, operation: Operation[Any]) -> _Outcome:
+    try:
+        stmt, params = next(operation)
+        while True:
+            rows = conn.execute(stmt.sql, stmt.args(params)).fetchall()
+            stmt, params = operation.send(rows)
+    except StopIteration as stop:
+        return _Outcome(stop.value)
+    except errors.LingerError as error:
+        return _Outcome(error=error)
+
+
+def _sqlite_group(conn: sqlite3.Connection, factories: list[OperationFactory]) -> list[_Outcome]:
+    """Runs in the SQLite connection's thread: the whole group in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        outcomes = [_drive_sync(conn, factory()) for factory in factories]
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+Fetch = Callable[[str, list[Any]], Awaitable[Iterable[Row]]]
+
+
+def _fetcher(raw: Any, postgres: bool) -> Fetch:
+    if postgres:
+        return lambda sql, args: raw.fetch(sql, *args)
+    fetch: Fetch = raw.execute_fetchall
+    return fetch
+
+
+async def _drive_async(fetch: Fetch, operation: Operation[Any]) -> _Outcome:
+    try:
+        stmt, params = next(operation)
+        while True:
+            rows = list(await fetch(stmt.sql, stmt.args(params)))
+            stmt, params = operation.send(rows)
+    except StopIteration as stop:
+        return _Outcome(stop.value)
+    except errors.LingerError as error:
+        return _Outcome(error=error)
 
 
 class Driver:
-    """Compiles statements for ``engine``'s dialect and lends driver connections."""
+    """Compiles statements for ``engine``'s dialect and runs operations on it."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
+        self._pending: list[tuple[OperationFactory, asyncio.Future[Any]]] = []
+        self._committers: set[asyncio.Task[None]] = set()
+        # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
+        # with another's commit.
+        self._max_committers = _POSTGRES_COMMITTERS if self.postgres else 1
 
     def prepare(self, stmt: ClauseElement) -> Prepared:
         compiled = stmt.compile(
@@ -110,16 +172,16 @@ class Driver:
         return Prepared(compiled.string, tuple(compiled.positiontup or ()), compiled.params)
 
     @asynccontextmanager
-    async def connect(self) -> AsyncIterator[Connection]:
-        """A pooled connection; unreachable-database errors become ``errors.Unavailable``
-        and the broken connection is dropped from the pool."""
+    async def _connect(self) -> AsyncIterator[Any]:
+        """A pooled driver connection; unreachable-database errors become
+        ``errors.Unavailable`` and the broken connection is dropped from the pool."""
         try:
-            conn = await self._engine.connect()
+            conn: AsyncConnection = await self._engine.connect()
         except _CONNECT_ERRORS as error:
             raise errors.Unavailable() from error
         try:
             raw = await conn.get_raw_connection()
-            yield Connection(conn, raw.driver_connection, self.postgres)
+            yield raw.driver_connection
         except _UNREACHABLE as error:
             await conn.invalidate()
             raise errors.Unavailable() from error
@@ -129,3 +191,93 @@ class Driver:
             raise
         finally:
             await conn.close()
+
+    async def read(self, operation: Operation[T]) -> T:
+        """Run a read-only operation on a pooled connection, outside any group."""
+        async with self._connect() as raw:
+            outcome = await _drive_async(_fetcher(raw, self.postgres), operation)
+        result: T = _result(outcome)
+        return result
+
+    async def write(self, factory: Callable[[], Operation[T]]) -> T:
+        """Run an operation in the next group-committed transaction; return its result
+        once that transaction has committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((factory, future))
+        if len(self._committers) < self._max_committers:
+            committer = asyncio.create_task(self._commit_pending())
+            self._committers.add(committer)
+            committer.add_done_callback(self._committers.discard)
+        return await future
+
+    async def _commit_pending(self) -> None:
+        while self._pending:
+            group = self._pending[:_GROUP_LIMIT]
+            del self._pending[:_GROUP_LIMIT]
+            factories = [factory for factory, _ in group]
+            try:
+                outcomes = await self._run_group(factories)
+            except errors.Unavailable as error:
+                for _, future in group:
+                    _settle(future, error=error)
+                continue
+            except Exception:
+                if len(group) == 1:
+                    logger.exception("database operation failed")
+                    _settle(group[0][1], error=errors.DatabaseError())
+                    continue
+                # Retry one by one: only the operation at fault fails.
+                await self._commit_each(group)
+                continue
+            for (_, future), outcome in zip(group, outcomes, strict=True):
+                _settle(future, outcome)
+
+    async def _commit_each(self, group: list[tuple[OperationFactory, asyncio.Future[Any]]]) -> None:
+        for factory, future in group:
+            try:
+                (outcome,) = await self._run_group([factory])
+            except errors.Unavailable as error:
+                _settle(future, error=error)
+            except Exception:
+                logger.exception("database operation failed")
+                _settle(future, error=errors.DatabaseError())
+            else:
+                _settle(future, outcome)
+
+    async def _run_group(self, factories: list[OperationFactory]) -> list[_Outcome]:
+        async with self._connect() as raw:
+            if self.postgres:
+                fetch = _fetcher(raw, postgres=True)
+                async with raw.transaction():
+                    return [await _drive_async(fetch, factory()) for factory in factories]
+            # One hop to aiosqlite's thread for the whole group. aiosqlite runs whatever
+            # callable is queued to its worker; _execute is how its own methods do it.
+            outcomes: list[_Outcome] = await raw._execute(_sqlite_group, raw._conn, factories)
+            return outcomes
+
+    async def close(self) -> None:
+        """Wait for the operations already submitted."""
+        if self._committers:
+            await asyncio.wait(self._committers)
+
+
+def _result(outcome: _Outcome) -> Any:
+    if outcome.error is not None:
+        raise outcome.error
+    return outcome.value
+
+
+def _settle(
+    future: asyncio.Future[Any],
+    outcome: _Outcome | None = None,
+    *,
+    error: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if error is None and outcome is not None:
+        error = outcome.error
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outcome.value if outcome else None)

@@ -34,6 +34,10 @@ class ChannelFull(LingerError):
     """Channel is at the high-level mark."""
 
 
+class DatabaseError(LingerError):
+    """Internal database error."""
+
+
 class Unavailable(LingerError):
     """Database unavailable, try again later."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,7 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from linger import errors
 from linger.db import channels, messages, subscriptions
-from linger.driver import Driver, Prepared, Row
+from linger.driver import Driver, Operation, Prepared, Row, single
 
 m = messages
 s = subscriptions
@@ -285,6 +286,7 @@ class Storage:
             )
         )
         self._list_channels = prepare(_LIST_CHANNELS)
+        # The channel is listed until 180 s after a long-poll ends at the latest.
         polled = insert(channels).values(name=_param("channel", sa.String), polled_at=now)
         self._mark_polled = prepare(
             polled.on_conflict_do_update(
@@ -343,9 +345,11 @@ class Storage:
         """The clock in integer milliseconds."""
         return int(self._clock() * 1000)
 
-    async def _fetch(self, stmt: Prepared, **params: Any) -> list[Row]:
-        async with self._driver.connect() as conn:
-            return await conn.fetch(stmt, params)
+    async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
+        return await self._driver.read(single(stmt, params))
+
+    async def _write(self, stmt: Prepared, **params: Any) -> list[Row]:
+        return await self._driver.write(partial(single, stmt, params))
 
     async def add_message(
         self, channel: str, body: bytes, content_type: str, options: Options, hlm: int = 0
@@ -370,71 +374,77 @@ class Storage:
             "origin": self.origin,
             "dead_at": now + _ms(options.linger) if options.linger > 0 else None,
         }
-        async with self._driver.connect() as conn:
-            if hlm <= 0:
-                row = await conn.fetchone(self._add, params)
-            elif self._lock_channel is None:
-                row = await conn.fetchone(self._add_below_mark, params)
-            else:
-                # READ COMMITTED counts from a snapshot: serialise adds to this channel
-                # so that concurrent adds (from any process) cannot pass the mark together.
-                async with conn.transaction():
-                    await conn.fetch(self._lock_channel, params)
-                    row = await conn.fetchone(self._add_below_mark, params)
-            if row is None:
-                count = (await conn.fetch(self._count, params))[0][0]
-                raise errors.ChannelFull(
-                    f"Channel {channel} is at the high-level mark with {count} messages"
-                )
-        return int(row[1])
+        return await self._driver.write(partial(self._add_operation, params))
 
-    async def claim_message(self, channel: str) -> Message | None:
-        """Deliver the next ready message of ``channel``, or None when there is none."""
-        rows = await self._fetch(self._claim, channel=channel, now=self.now())
-        return Message(*rows[0]) if rows else None
+    def _add_operation(self, params: dict[str, Any]) -> Operation[int]:
+        if params["hlm"] <= 0:
+            rows = yield self._add, params
+        else:
+            if self._lock_channel is not None:
+                # READ COMMITTED counts from a snapshot: serialise the adds to this channel
+                # so that concurrent adds (from any process) cannot pass the mark together.
+                yield self._lock_channel, params
+            rows = yield self._add_below_mark, params
+            if not rows:
+                count = (yield self._count, params)[0][0]
+                raise errors.ChannelFull(
+                    f"Channel {params['channel']} is at the high-level mark with {count} messages"
+                )
+        return int(rows[0][1])
+
+    async def claim_message(self, channel: str, *, poll: float = 0.0) -> Message | None:
+        """Deliver the next ready message of ``channel``, or None when there is none; with
+        ``poll`` > 0, a consumer will wait that long: record it for the channel list."""
+        now = self.now()
+        params = {"channel": channel, "now": now, "until": now + int(poll * 1000)}
+        return await self._driver.write(partial(self._claim_operation, params, poll > 0))
+
+    def _claim_operation(self, params: dict[str, Any], poll: bool) -> Operation[Message | None]:
+        rows = yield self._claim, params
+        if rows:
+            return Message(*rows[0])
+        if poll:
+            yield self._mark_polled, {"channel": params["channel"], "now": params["until"]}
+        return None
 
     async def delete_message(self, message_id: int) -> None:
         """Delete a live message in any state; raise ``NotFound`` otherwise."""
-        if not await self._fetch(self._delete, id=message_id, now=self.now()):
+        if not await self._write(self._delete, id=message_id, now=self.now()):
             raise errors.NotFound()
 
     async def touch_message(self, message_id: int) -> None:
         """Restart the visibility timeout of a hidden message."""
-        now = self.now()
-        async with self._driver.connect() as conn:
-            if await conn.fetch(self._touch, {"id": message_id, "now": now}):
-                return
-            if await conn.fetch(self._exists, {"id": message_id, "now": now}):
-                raise errors.NotHidden()
+        params = {"id": message_id, "now": self.now()}
+        await self._driver.write(partial(self._touch_operation, params))
+
+    def _touch_operation(self, params: dict[str, Any]) -> Operation[None]:
+        if (yield self._touch, params):
+            return
+        if (yield self._exists, params):
+            raise errors.NotHidden()
         raise errors.NotFound()
 
     async def drain_channel(self, channel: str) -> int:
         """Delete every message of ``channel``; return how many there were."""
-        return len(await self._fetch(self._drain, channel=channel))
+        return len(await self._write(self._drain, channel=channel))
 
     async def channel_stats(self, channel: str) -> tuple[int, int]:
         """(ready, hidden) live messages of ``channel``."""
-        rows = await self._fetch(self._channel_stats, channel=channel, now=self.now())
+        rows = await self._read(self._channel_stats, channel=channel, now=self.now())
         return int(rows[0][0]), int(rows[0][1])
 
     async def totals(self) -> Totals:
-        row = (await self._fetch(self._totals, now=self.now()))[0]
+        row = (await self._read(self._totals, now=self.now()))[0]
         return Totals(*(int(value) for value in row))
 
     async def max_id(self) -> int:
-        rows = await self._fetch(self._max_id)
+        rows = await self._read(self._max_id)
         return int(rows[0][0]) if rows else 0
 
     async def list_channels(self) -> list[str]:
         """Channels with messages or subscriptions, or long-polled in the last 180 s."""
-        rows = await self._fetch(self._list_channels, cutoff=self.now() - POLLED_TTL_MS)
+        rows = await self._read(self._list_channels, cutoff=self.now() - POLLED_TTL_MS)
         return sorted(row[0] for row in rows)
-
-    async def mark_polled(self, channel: str, wait: float) -> None:
-        """Record that a consumer long-polls ``channel`` for up to ``wait`` seconds; the
-        channel is listed until 180 s after that poll ends at the latest."""
-        until = self.now() + int(wait * 1000)
-        await self._fetch(self._mark_polled, channel=channel, now=until)
 
     async def readiness(self, names: Iterable[str]) -> dict[str, tuple[int, int | None]]:
         """For each of ``names`` with live messages: (how many are ready, when the next
@@ -447,22 +457,23 @@ class Storage:
             .where(m.c.channel.in_(list(names)), _alive(now))
             .group_by(m.c.channel)
         )
-        rows = await self._fetch(self._driver.prepare(stmt))
+        rows = await self._read(self._driver.prepare(stmt))
         return {row[0]: (int(row[1]), None if row[2] is None else int(row[2])) for row in rows}
 
     async def sweep(self) -> tuple[int, int]:
         """Delete messages past their retention or their delivery limit, and forget
         channels not long-polled for 180 s; return (retention, discarded) counts."""
-        now = self.now()
-        async with self._driver.connect() as conn, conn.transaction():
-            retention = len(await conn.fetch(self._sweep_retention, {"now": now}))
-            discarded = len(await conn.fetch(self._sweep_discarded, {"now": now}))
-            await conn.fetch(self._sweep_channels, {"now": now})
+        return await self._driver.write(partial(self._sweep_operation, {"now": self.now()}))
+
+    def _sweep_operation(self, params: dict[str, Any]) -> Operation[tuple[int, int]]:
+        retention = len((yield self._sweep_retention, params))
+        discarded = len((yield self._sweep_discarded, params))
+        yield self._sweep_channels, params
         return retention, discarded
 
     async def subscribe(self, channel: str, topic: str, options: Options) -> None:
         """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
-        await self._fetch(
+        await self._write(
             self._subscribe,
             channel=channel,
             topic=topic,
@@ -474,7 +485,7 @@ class Storage:
 
     async def unsubscribe(self, channel: str, topic: str) -> bool:
         """Remove the subscription; return whether there was one."""
-        return bool(await self._fetch(self._unsubscribe, channel=channel, topic=topic))
+        return bool(await self._write(self._unsubscribe, channel=channel, topic=topic))
 
     async def publish(
         self, topic: str, body: bytes, content_type: str, hlm: int = 0
@@ -489,29 +500,32 @@ class Storage:
             "hlm": hlm,
             "origin": self.origin,
         }
-        async with self._driver.connect() as conn:
-            if hlm <= 0:
-                rows = await conn.fetch(self._publish, params)
-                return {row[0]: int(row[1]) for row in rows}, []
-            async with conn.transaction():
-                subscribers = [row[0] for row in await conn.fetch(self._subscribers, params)]
-                if self._lock_channel is not None:
-                    for channel in subscribers:  # sorted: concurrent publishes cannot deadlock
-                        await conn.fetch(self._lock_channel, {"channel": channel})
-                rows = await conn.fetch(self._publish_below_mark, params)
+        return await self._driver.write(partial(self._publish_operation, params))
+
+    def _publish_operation(
+        self, params: dict[str, Any]
+    ) -> Operation[tuple[dict[str, int], list[str]]]:
+        if params["hlm"] <= 0:
+            rows = yield self._publish, params
+            return {row[0]: int(row[1]) for row in rows}, []
+        subscribers = [row[0] for row in (yield self._subscribers, params)]
+        if self._lock_channel is not None:
+            for channel in subscribers:  # in name order, as every publish locks them
+                yield self._lock_channel, {"channel": channel}
+        rows = yield self._publish_below_mark, params
         ids = {row[0]: int(row[1]) for row in rows}
         return ids, [channel for channel in subscribers if channel not in ids]
 
     async def list_topics(self) -> list[str]:
-        return sorted(row[0] for row in await self._fetch(self._topics))
+        return sorted(row[0] for row in await self._read(self._topics))
 
     async def channel_topics(self, channel: str) -> list[str]:
-        return sorted(row[0] for row in await self._fetch(self._channel_topics, channel=channel))
+        return sorted(row[0] for row in await self._read(self._channel_topics, channel=channel))
 
     async def topic_channels(self, topic: str) -> list[str]:
-        return sorted(row[0] for row in await self._fetch(self._subscribers, topic=topic))
+        return sorted(row[0] for row in await self._read(self._subscribers, topic=topic))
 
     async def subscription_totals(self) -> tuple[int, int]:
         """(subscriptions, topics)."""
-        row = (await self._fetch(self._subscription_totals))[0]
+        row = (await self._read(self._subscription_totals))[0]
         return int(row[0]), int(row[1])

@@ -30,6 +30,7 @@ _STATUS: dict[type[errors.LingerError], int] = {
     errors.NotHidden: 409,
     errors.MessageTooLarge: 413,
     errors.Unavailable: 503,
+    errors.DatabaseError: 500,
     errors.ChannelFull: 507,
 }
 # Header values are ASCII: names and texts outside it are written percent-encoded.

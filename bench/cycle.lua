@@ -1,0 +1,57 @@
+-- wrk script: each connection (one per thread) loops POST a message, GET ?nowait, DELETE
+-- the message it got. Counts completed cycles and anything unexpected.
+-- Run: wrk -t16 -c16 -d10s -s bench/cycle.lua http://127.0.0.1:8989 -- <channel>
+local threads = {}
+local channel = "bench"
+local body = string.rep("x", 256)
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  if args[1] then channel = args[1] end
+  state = "post"
+  id = nil
+  cycles = 0
+  errors = 0
+  empty = 0
+end
+
+function request()
+  if state == "post" then
+    return wrk.format("POST", "/channels/" .. channel, {["Content-Type"] = "text/plain"}, body)
+  elseif state == "get" then
+    return wrk.format("GET", "/channels/" .. channel .. "?nowait")
+  end
+  return wrk.format("DELETE", "/messages/" .. id)
+end
+
+function response(status, headers, _)
+  if state == "post" then
+    if status == 202 then state = "get" else errors = errors + 1 end
+  elseif state == "get" then
+    if status == 200 then
+      id = headers["x-linger-msg-id"]
+      state = "delete"
+    elseif status == 204 then
+      empty = empty + 1
+    else
+      errors = errors + 1
+    end
+  else
+    if status == 204 then cycles = cycles + 1 else errors = errors + 1 end
+    state = "post"
+  end
+end
+
+function done(summary, _, _)
+  local total_cycles, total_errors, total_empty = 0, 0, 0
+  for _, thread in ipairs(threads) do
+    total_cycles = total_cycles + thread:get("cycles")
+    total_errors = total_errors + thread:get("errors")
+    total_empty = total_empty + thread:get("empty")
+  end
+  io.write(string.format("RESULT cycles=%d errors=%d empty=%d seconds=%.3f\n",
+    total_cycles, total_errors, total_empty, summary.duration / 1e6))
+end
