@@ -32,7 +32,8 @@ function response(status, headers, _)
     if status == 202 then state = "get" else errors = errors + 1 end
   elseif state == "get" then
     if status == 200 then
-      id = headers["x-linger-msg-id"]
+      -- aiohttp keeps the header's case, Tornado (the original) capitalises it.
+      id = headers["x-linger-msg-id"] or headers["X-Linger-Msg-Id"]
       state = "delete"
     elseif status == 204 then
       empty = empty + 1
@@ -52,6 +53,6 @@ function done(summary, _, _)
     total_errors = total_errors + thread:get("errors")
     total_empty = total_empty + thread:get("empty")
   end
-  io.write(string.format("RESULT cycles=%d errors=%d empty=%d seconds=%.3f\n",
+  io.write(string.format("RESULT ops=%d errors=%d empty=%d seconds=%.3f\n",
     total_cycles, total_errors, total_empty, summary.duration / 1e6))
 end

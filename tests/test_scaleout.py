@@ -285,7 +285,7 @@ def _nginx_binary() -> str | None:
 def nginx(pair: list[Server]) -> Any:
     binary = _nginx_binary()
     if binary is None:
-        if os.environ.get("LINGER_TEST_REQUIRE_NGINX") == "1":
+        if os.environ.get("LINGER_TEST_REQUIRE_TOOLS") == "1":
             pytest.fail("nginx is required but not installed")
         pytest.skip("nginx not installed")
     conf = (Path(__file__).parent.parent / "deploy" / "nginx.conf").read_text()

@@ -1,0 +1,210 @@
+"""``python -m bench``: every scenario on every backend and on the original Linger 1.0.1,
+side by side, as one table (medians of several runs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from bench import scenarios
+from bench.scenarios import QUICK, Failed, Size
+from bench.servers import Server, free_port, linger_command, postgres_cluster, raise_open_files
+
+BACKENDS = ("memory", "file", "postgres")
+Figure = Callable[[Server, Size], float]
+SCENARIOS: dict[str, tuple[Figure, str]] = {
+    "produce": (scenarios.produce, "msg/s"),
+    "consume": (scenarios.consume, "msg/s"),
+    "cycle": (scenarios.cycle, "cycles/s"),
+    "depth": (scenarios.depth, "cycles/s"),
+    "pubsub-4": (lambda server, size: scenarios.pubsub(server, size, 4), "deliveries/s"),
+    "pubsub-100": (lambda server, size: scenarios.pubsub(server, size, 100), "deliveries/s"),
+}
+
+
+@contextmanager
+def started(name: str, command: list[str]) -> Iterator[Server]:
+    server = Server(name, command)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def measure(command: list[str], name: str, figure: Figure, size: Size, runs: int) -> float:
+    """The median of ``runs`` runs, each on a freshly started server."""
+    values = []
+    for _ in range(runs):
+        with started(name, command) as server:
+            values.append(figure(server, size))
+    return statistics.median(values)
+
+
+def generator_ceiling(seconds: float) -> str:
+    """wrk's own ceiling on this machine: requests/s against nginx answering 204."""
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx is None:
+        return "unknown (nginx not installed)"
+    prefix = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
+    port = free_port()
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    (prefix / "nginx.conf").write_text(
+        textwrap.dedent(f"""\
+        {user}daemon off; worker_processes 1; pid {prefix}/pid; error_log {prefix}/error.log;
+        events {{ worker_connections 1024; }}
+        http {{ access_log off; client_body_temp_path {prefix};
+          server {{ listen 127.0.0.1:{port}; location / {{ return 204; }} }} }}
+        """)
+    )
+    process = subprocess.Popen(
+        [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")], stderr=subprocess.DEVNULL
+    )
+    try:
+        server = Server("nginx", [])
+        server.port = port
+        import time
+
+        time.sleep(0.5)
+        output = subprocess.run(
+            ["wrk", "-t2", "-c16", f"-d{max(1, round(seconds))}s", server.base],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        rate = next(
+            line.split()[-1] for line in output.splitlines() if line.startswith("Requests/sec")
+        )
+        return f"{float(rate):,.0f} requests/s (wrk, 16 connections, nginx answering 204)"
+    finally:
+        process.terminate()
+        process.wait()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+def ratio(value: float, original: float | None) -> str:
+    return f"{value / original:.1f}x" if original else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--quick", action="store_true", help="a seconds-long smoke run with tiny sizes (CI)"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (median)")
+    parser.add_argument("--seconds", type=float, help="seconds per measurement")
+    parser.add_argument(
+        "--backends", default=",".join(BACKENDS), help="comma-separated: memory, file, postgres"
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join([*SCENARIOS, "longpoll"]),
+        help="comma-separated scenario names",
+    )
+    parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else Size()
+    if args.seconds:
+        size = Size(**{**size.__dict__, "seconds": args.seconds})
+    runs = 1 if args.quick else args.runs
+    backends = [b for b in args.backends.split(",") if b]
+    chosen = [s for s in args.scenarios.split(",") if s]
+    raise_open_files()
+
+    print(
+        f"machine: {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+        f"{platform.platform()}, Python {platform.python_version()}"
+    )
+    print(f"load generator ceiling: {generator_ceiling(size.seconds)}")
+    print(f"{runs} run(s) per figure, {size.seconds:g} s each; medians\n")
+    rows: list[tuple[str, str, str, str, str]] = []
+    failures = 0
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        postgres_url = stack.enter_context(postgres_cluster()) if "postgres" in backends else None
+
+        def command(backend: str) -> list[str]:
+            return linger_command(backend, Path(workdir), postgres_url)
+
+        for name in chosen:
+            if name == "longpoll":
+                rows.extend(_longpoll_rows(backends, command, size, args.no_original))
+                continue
+            figure, unit = SCENARIOS[name]
+            original = None
+            if not args.no_original:
+                try:
+                    original = measure(command("original"), "original", figure, size, runs)
+                except Failed as error:
+                    print(f"original {name}: FAILED {error}", file=sys.stderr)
+            for backend in backends:
+                try:
+                    value = measure(command(backend), backend, figure, size, runs)
+                except Failed as error:
+                    failures += 1
+                    rows.append((name, backend, f"FAILED: {error}", "", ""))
+                    continue
+                rows.append(
+                    (
+                        name,
+                        backend,
+                        f"{value:,.0f} {unit}",
+                        f"{original:,.0f}" if original else "-",
+                        ratio(value, original),
+                    )
+                )
+            print_table(rows[-len(backends) :], header=not rows[: -len(backends)])
+    print()
+    print_table(rows, header=True)
+    return 1 if failures else 0
+
+
+def _longpoll_rows(
+    backends: list[str], command: Callable[[str], list[str]], size: Size, no_original: bool
+) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    original = None
+    if not no_original:
+        with started("original", command("original")) as server:
+            original = scenarios.longpoll(server, size, waiters_stat=False)
+    for backend in backends:
+        with started(backend, command(backend)) as server:
+            result = scenarios.longpoll(server, size)
+        rows.append(
+            (
+                f"longpoll {size.waiters:,} waiters",
+                backend,
+                _describe(result),
+                (_describe(original)) if original else "-",
+                ratio(original.p99_ms, result.p99_ms) if original else "-",
+            )
+        )
+    return rows
+
+
+def _describe(result: scenarios.LongPoll) -> str:
+    return f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, RSS {result.rss_mb:.0f} MB"
+
+
+def print_table(rows: list[tuple[str, str, str, str, str]], *, header: bool) -> None:
+    if header:
+        print("| scenario | backend | Linger | original 1.0.1 | ratio |")
+        print("|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""Benchmark scenarios. Each one drives a running server, checks what it measured (every
+acknowledged message consumed, none twice, no errors) and returns a figure; a run with a
+loss raises ``Failed`` instead of giving a figure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench.servers import Server
+
+BENCH = Path(__file__).resolve().parent
+_RESULT = re.compile(r"RESULT ops=(\d+) errors=(\d+) empty=(\d+) seconds=([\d.]+)")
+HEADERS = {"Content-Type": "text/plain"}
+
+
+class Failed(Exception):
+    """The scenario found a lost, duplicated or failed message."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """How big a run is: seconds per measurement and message counts."""
+
+    seconds: float = 10.0
+    depth_other: int = 100_000
+    depth_same: int = 10_000
+    waiters: int = 10_000
+    longpoll_messages: int = 1_000
+
+
+QUICK = Size(seconds=1.0, depth_other=1_000, depth_same=100, waiters=200, longpoll_messages=50)
+
+
+@dataclass(frozen=True)
+class Wrk:
+    ops: int
+    errors: int
+    empty: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds
+
+
+def wrk(
+    server: Server,
+    script: str,
+    args: list[str],
+    *,
+    connections: int,
+    seconds: float,
+    threads: int | None = None,
+) -> Wrk:
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
+    command = [
+        binary,
+        f"-t{threads or connections}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(BENCH / script),
+        server.base,
+        "--",
+        *args,
+    ]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    match = _RESULT.search(output)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result: {output}")
+    ops, errors, empty, elapsed = match.groups()
+    return Wrk(int(ops), int(errors), int(empty), float(elapsed))
+
+
+async def _json(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
+    async with session.get(url) as response:
+        result: dict[str, object] = await response.json(content_type=None)
+        return result
+
+
+def channel_stats(server: Server, channel: str) -> tuple[int, int]:
+    async def fetch() -> dict[str, object]:
+        async with aiohttp.ClientSession() as session:
+            return await _json(session, f"{server.base}/channels/{channel}/stats")
+
+    stats = asyncio.run(fetch())
+    return int(str(stats["ready"])), int(str(stats["hidden"]))
+
+
+def _names(prefix: str, channels: int) -> list[str]:
+    return [prefix] if channels <= 1 else [f"{prefix}{i}" for i in range(channels)]
+
+
+async def _fill(server: Server, names: list[str], count: int) -> None:
+    body = b"x" * 256
+    numbers = iter(range(count))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+
+        async def worker() -> None:
+            for number in numbers:
+                url = f"{server.base}/channels/{names[number % len(names)]}"
+                async with session.post(url, data=body, headers=HEADERS) as response:
+                    _require(response.status == 202, f"fill: {response.status}")
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+
+
+def fill(server: Server, prefix: str, channels: int, count: int) -> None:
+    """Queue ``count`` messages over ``channels`` channels (set-up, not measured)."""
+    asyncio.run(_fill(server, _names(prefix, channels), count))
+
+
+async def _drain(server: Server, names: list[str]) -> int:
+    seen: set[int] = set()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+
+        async def worker(name: str) -> None:
+            while True:
+                async with session.get(f"{server.base}/channels/{name}?nowait") as response:
+                    await response.read()
+                    if response.status == 204:
+                        return
+                    message_id = int(response.headers["x-linger-msg-id"])
+                _require(message_id not in seen, f"message {message_id} delivered twice")
+                seen.add(message_id)
+                async with session.delete(f"{server.base}/messages/{message_id}") as deleted:
+                    _require(deleted.status == 204, f"drain delete: {deleted.status}")
+
+        await asyncio.gather(*(worker(names[i % len(names)]) for i in range(max(16, len(names)))))
+    return len(seen)
+
+
+def drain(server: Server, prefix: str, channels: int = 1) -> int:
+    """Consume everything left in the channels (verification, not measured); return how
+    many messages that was."""
+    return asyncio.run(_drain(server, _names(prefix, channels)))
+
+
+def _require(condition: bool, text: str) -> None:
+    if not condition:
+        raise Failed(text)
+
+
+# wrk stops with requests in flight: their effects may land without being counted.
+IN_FLIGHT = 16
+
+
+def _accounted(
+    what: str,
+    acknowledged: int,
+    consumed: int,
+    server: Server,
+    channels: list[str],
+    copies: int = 1,
+) -> None:
+    """Every acknowledged message was consumed, except those that requests cut off by
+    wrk's stop claimed (hidden until their timeout, not lost)."""
+    hidden = sum(channel_stats(server, name)[1] for name in channels)
+    _require(
+        acknowledged <= consumed + hidden <= acknowledged + IN_FLIGHT * copies,
+        f"{what}: {acknowledged} acknowledged, {consumed} consumed, {hidden} hidden",
+    )
+
+
+def produce(server: Server, size: Size) -> float:
+    """Messages added per second by 16 connections."""
+    result = wrk(
+        server, "produce.lua", ["produce", "1"], connections=16, threads=4, seconds=size.seconds
+    )
+    _require(result.errors == 0, f"produce: {result.errors} errors")
+    _accounted("produce", result.ops, drain(server, "produce"), server, ["produce"])
+    return result.rate
+
+
+def consume(server: Server, size: Size) -> float:
+    """Messages got (?nowait) and deleted per second from a prefilled channel."""
+    produced = wrk(
+        server,
+        "produce.lua",
+        ["consume", "1"],
+        connections=16,
+        threads=4,
+        seconds=size.seconds * 1.5,
+    )
+    _require(produced.errors == 0, f"consume: {produced.errors} errors while filling")
+    result = wrk(server, "consume.lua", ["consume", "1"], connections=16, seconds=size.seconds)
+    _require(result.errors == 0, f"consume: {result.errors} errors")
+    _require(result.empty == 0, "consume: the channel ran dry, the figure would be low")
+    _accounted("consume", produced.ops, result.ops + drain(server, "consume"), server, ["consume"])
+    return result.rate
+
+
+def _cycle(server: Server, size: Size, channel: str) -> Wrk:
+    result = wrk(server, "cycle.lua", [channel], connections=16, seconds=size.seconds)
+    _require(result.errors == 0, f"cycle: {result.errors} errors")
+    return result
+
+
+def cycle(server: Server, size: Size) -> float:
+    """Full cycles (POST, GET ?nowait, DELETE) per second by 16 connections."""
+    result = _cycle(server, size, "cycle")
+    # wrk stops connections mid-cycle: their last acknowledged messages are still queued.
+    leftover = drain(server, "cycle")
+    _require(leftover <= IN_FLIGHT, f"cycle: {leftover} messages left behind")
+    return result.rate
+
+
+def depth(server: Server, size: Size) -> float:
+    """The cycle with messages queued in 100 other channels and in the same channel."""
+    fill(server, "other", 100, size.depth_other)
+    fill(server, "deep", 1, size.depth_same)
+    result = _cycle(server, size, "deep")
+    ready, hidden = channel_stats(server, "deep")
+    _require(
+        hidden <= IN_FLIGHT and size.depth_same <= ready <= size.depth_same + IN_FLIGHT,
+        f"depth: {ready} ready and {hidden} hidden left",
+    )
+    return result.rate
+
+
+def pubsub(server: Server, size: Size, subscribers: int) -> float:
+    """Copies delivered per second: publishes to a topic with ``subscribers`` channels,
+    consumers draining them at the same time; every copy is consumed before it counts."""
+    topic = f"t{subscribers}"
+    prefix = f"s{subscribers}-"
+
+    async def subscribe() -> None:
+        async with aiohttp.ClientSession() as session:
+            for i in range(subscribers):
+                async with session.put(
+                    f"{server.base}/channels/{prefix}{i}/topics/{topic}"
+                ) as response:
+                    _require(response.status == 204, f"subscribe: {response.status}")
+
+    asyncio.run(subscribe())
+    consumers = subprocess.Popen(
+        [
+            "wrk",
+            "-t8",
+            "-c8",
+            f"-d{max(1, round(size.seconds))}s",
+            "-s",
+            str(BENCH / "consume.lua"),
+            server.base,
+            "--",
+            prefix,
+            str(subscribers),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    published = wrk(server, "publish.lua", [topic], connections=8, threads=4, seconds=size.seconds)
+    stdout, _ = consumers.communicate()
+    during = _RESULT.search(stdout)
+    _require(
+        published.errors == 0 and during is not None and during.group(2) == "0",
+        f"pub-sub: errors (publish {published.errors}, consume {stdout[-300:]})",
+    )
+    consumed = int(during.group(1)) if during else 0
+    consumed += drain(server, prefix, subscribers)
+    copies = published.ops * subscribers
+    _accounted("pub-sub", copies, consumed, server, _names(prefix, subscribers), subscribers)
+    return copies / published.seconds
+
+
+@dataclass(frozen=True)
+class LongPoll:
+    p50_ms: float
+    p99_ms: float
+    rss_mb: float
+
+
+async def _longpoll(server: Server, size: Size, waiters_stat: bool) -> LongPoll:
+    channels = 100
+    received: dict[int, float] = {}
+    duplicates: list[int] = []
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def wait(i: int) -> None:
+            async with session.get(f"{server.base}/channels/lp{i % channels}") as response:
+                body = await response.read()
+                if response.status == 200:
+                    number = int(body.split(b" ")[0])
+                    if number in received:
+                        duplicates.append(number)
+                    received[number] = time.perf_counter()
+
+        tasks = [asyncio.create_task(wait(i)) for i in range(size.waiters)]
+        deadline = time.monotonic() + 120
+        while True:  # every consumer connected and waiting
+            await asyncio.sleep(0.5)
+            if waiters_stat:
+                stats = await _json(session, f"{server.base}/stats")
+                if int(str(stats["current-waiters"])) >= size.waiters:
+                    break
+            elif all(not task.done() for task in tasks) and time.monotonic() > deadline - 110:
+                break
+            _require(time.monotonic() < deadline, "long-poll: consumers never all waited")
+        rss = server.rss_mb()
+        sent: dict[int, float] = {}
+        for number in range(size.longpoll_messages):
+            body = f"{number} ".encode().ljust(256, b"x")
+            sent[number] = time.perf_counter()
+            async with session.post(
+                f"{server.base}/channels/lp{number % channels}", data=body, headers=HEADERS
+            ) as response:
+                _require(response.status == 202, f"long-poll add: {response.status}")
+            await asyncio.sleep(0.005)
+        # The last messages are on their way; every consumer that got one has finished.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(_all_received(received, size.longpoll_messages), 30)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    _require(not duplicates, f"long-poll: {len(duplicates)} messages delivered twice")
+    _require(
+        len(received) == size.longpoll_messages,
+        f"long-poll: {size.longpoll_messages} sent, {len(received)} received",
+    )
+    latencies = sorted((received[n] - sent[n]) * 1000 for n in sent)
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return LongPoll(statistics.median(latencies), p99, rss)
+
+
+async def _all_received(received: dict[int, float], count: int) -> None:
+    while len(received) < count:  # noqa: ASYNC110 - filled by other tasks' callbacks
+        await asyncio.sleep(0.05)
+
+
+def longpoll(server: Server, size: Size, *, waiters_stat: bool = True) -> LongPoll:
+    """POST to consumer latency with ``size.waiters`` consumers waiting in one process."""
+    return asyncio.run(_longpoll(server, size, waiters_stat))
