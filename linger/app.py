@@ -19,7 +19,16 @@ from linger.driver import Driver
 from linger.listener import Listener
 from linger.notifier import Notifier
 from linger.storage import Storage
-from linger.web import BROKER, LISTENER, ROUTES, SERVER_ID, SETTINGS, STARTED, error_middleware
+from linger.web import (
+    BROKER,
+    ENGINE,
+    LISTENER,
+    ROUTES,
+    SERVER_ID,
+    SETTINGS,
+    STARTED,
+    error_middleware,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
         settings = app[SETTINGS]
         engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
         try:
+            app[ENGINE] = engine
             await db.prepare(engine, migrate=settings.migrate)
             async with engine.begin() as conn:
                 app[SERVER_ID] = await db.server_id(conn, uuid.uuid4().hex)
@@ -45,6 +55,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 Notifier(),
                 hlm=settings.hlm,
                 poll_interval=settings.poll_interval,
+                max_waiters=settings.max_waiters,
             )
             app[BROKER] = broker
             tasks = [

@@ -24,12 +24,19 @@ class Broker:
     """Adds, long-poll gets and publishes; counts this process's events in ``counters``."""
 
     def __init__(
-        self, storage: Storage, notifier: Notifier, *, hlm: int = 0, poll_interval: float = 1.0
+        self,
+        storage: Storage,
+        notifier: Notifier,
+        *,
+        hlm: int = 0,
+        poll_interval: float = 1.0,
+        max_waiters: int = 20_000,
     ) -> None:
         self.storage = storage
         self.notifier = notifier
         self.hlm = hlm
         self.poll_interval = poll_interval
+        self.max_waiters = max_waiters
         self.counters: Counter[str] = Counter()
         self._poll_soon = asyncio.Event()
 
@@ -60,11 +67,18 @@ class Broker:
 
         Waiting holds no database connection: the waiter sleeps until an add in this
         process, the poller or shutdown wakes it, then claims again (another consumer may
-        have been faster). A waiter whose client has gone claims nothing.
+        have been faster). A waiter whose client has gone claims nothing. While the
+        database is unreachable, a waiting consumer keeps waiting and tries again at each
+        poll; beyond ``max_waiters`` waiting consumers, ``Overloaded`` is raised.
         """
         self.counters["msg-get"] += 1
         if wait <= 0:
             return self._delivered(await self.storage.claim_message(channel))
+        if self.notifier.count() >= self.max_waiters:
+            message = await self.storage.claim_message(channel)
+            if message is None:
+                raise errors.Overloaded()
+            return self._delivered(message)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         async with self.notifier.waiter(channel, alive) as waiter:
@@ -80,8 +94,15 @@ class Broker:
                 if self.notifier.closed or not alive():
                     return None
                 waiter.event.clear()
-                message = await self.storage.claim_message(channel)
+                message = await self._claim_while_waiting(channel)
         return self._delivered(message)
+
+    async def _claim_while_waiting(self, channel: str) -> Message | None:
+        try:
+            return await self.storage.claim_message(channel)
+        except errors.Unavailable as error:
+            logger.warning("long-poll on %r: %s; waiting on", channel, error)
+            return None
 
     def _delivered(self, message: Message | None) -> Message | None:
         if message is not None:

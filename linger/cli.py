@@ -76,6 +76,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("max-size", _bounded_int(1, 2**31), _DEFAULTS.max_size, "largest message in bytes"),
     ("poll-max", _seconds, _DEFAULTS.poll_max, "longest long-poll in seconds, then 204"),
     (
+        "max-waiters",
+        _bounded_int(1, 10_000_000),
+        _DEFAULTS.max_waiters,
+        "most consumers long-polling this process at once; more get 503",
+    ),
+    (
         "poll-interval",
         _seconds,
         _DEFAULTS.poll_interval,

@@ -17,6 +17,7 @@ class Settings:
     hlm: int = 0
     max_size: int = 262_144
     poll_max: float = 120.0
+    max_waiters: int = 20_000
     poll_interval: float = 1.0
     sweep_interval: float = 1.0
     sqlite_sync: str = "FULL"

@@ -113,10 +113,17 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
     ``BEGIN IMMEDIATE`` transactions, so writers queue instead of failing."""
     url = sa.make_url(url)
     if url.get_backend_name() != "sqlite":
-        return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=False)
+        # A database that does not answer makes requests fail (503) in seconds, not hang.
+        return create_async_engine(
+            url,
+            pool_size=10,
+            max_overflow=10,
+            pool_timeout=10,
+            connect_args={"timeout": 5, "command_timeout": 30},
+        )
     # A rollback on every check-in would cost a thread hop; the reset hook below rolls
     # back only a connection that is really inside a transaction.
-    options: dict[str, Any] = {"connect_args": {"timeout": 30}, "pool_reset_on_return": None}
+    options: dict[str, Any] = {"connect_args": {"timeout": 10}, "pool_reset_on_return": None}
     if is_memory_sqlite(url):
         # One connection holds the whole in-memory database: checkouts must queue for it
         # (StaticPool would share it between concurrent transactions), and it must never
@@ -142,7 +149,9 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
         if not memory:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
-        cursor.execute("PRAGMA busy_timeout=30000")
+        # Writers queue for the lock this long (other processes sharing the file), then
+        # the request fails with 503.
+        cursor.execute("PRAGMA busy_timeout=10000")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "reset")

@@ -89,6 +89,12 @@ def _is_busy(error: BaseException) -> bool:
     )
 
 
+def _is_full(error: BaseException) -> bool:
+    return isinstance(error, asyncpg.DiskFullError) or (
+        isinstance(error, sqlite3.OperationalError) and "full" in str(error)
+    )
+
+
 def single(stmt: Prepared, params: Mapping[str, Any]) -> Operation[list[Row]]:
     """An operation of one statement, returning its rows."""
     return (yield stmt, params)
@@ -185,9 +191,12 @@ class Driver:
         except _UNREACHABLE as error:
             await conn.invalidate()
             raise errors.Unavailable() from error
-        except sqlite3.OperationalError as error:
+        except (sqlite3.OperationalError, asyncpg.DiskFullError) as error:
             if _is_busy(error):
                 raise errors.Unavailable("The database is busy, try again later.") from error
+            if _is_full(error):
+                logger.error("database full: %s", error)
+                raise errors.StorageFull() from error
             raise
         finally:
             await conn.close()
@@ -217,7 +226,7 @@ class Driver:
             factories = [factory for factory, _ in group]
             try:
                 outcomes = await self._run_group(factories)
-            except errors.Unavailable as error:
+            except (errors.Unavailable, errors.StorageFull) as error:
                 for _, future in group:
                     _settle(future, error=error)
                 continue
@@ -236,7 +245,7 @@ class Driver:
         for factory, future in group:
             try:
                 (outcome,) = await self._run_group([factory])
-            except errors.Unavailable as error:
+            except (errors.Unavailable, errors.StorageFull) as error:
                 _settle(future, error=error)
             except Exception:
                 logger.exception("database operation failed")

@@ -34,6 +34,14 @@ class ChannelFull(LingerError):
     """Channel is at the high-level mark."""
 
 
+class StorageFull(LingerError):
+    """The database is out of space: nothing was stored."""
+
+
+class Overloaded(LingerError):
+    """Too many consumers are waiting, try again later."""
+
+
 class DatabaseError(LingerError):
     """Internal database error."""
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from linger import __version__, errors, params
 from linger.broker import Broker
@@ -21,6 +22,7 @@ SETTINGS = web.AppKey("settings", Settings)
 SERVER_ID = web.AppKey("server_id", str)
 STARTED = web.AppKey("started", float)
 LISTENER = web.AppKey("listener", Listener)
+ENGINE = web.AppKey("engine", AsyncEngine)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -32,6 +34,8 @@ _STATUS: dict[type[errors.LingerError], int] = {
     errors.Unavailable: 503,
     errors.DatabaseError: 500,
     errors.ChannelFull: 507,
+    errors.StorageFull: 507,
+    errors.Overloaded: 503,
 }
 # Header values are ASCII: names and texts outside it are written percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
@@ -59,7 +63,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except errors.LingerError as error:
-        headers = {"Retry-After": "1"} if isinstance(error, errors.Unavailable) else None
+        retry = isinstance(error, errors.Unavailable | errors.Overloaded)
+        headers = {"Retry-After": "1"} if retry else None
         return error_response(_status(error), str(error), headers)
     except web.HTTPException as error:
         if error.status < 400:

@@ -66,10 +66,29 @@ class Cluster:
         )
         if not self.durable:  # tests: speed over the crash safety of a throwaway cluster
             options += " -c fsync=off -c full_page_writes=off"
+        self._options = options
         self._run(
             "pg_ctl", "-D", str(data), "-o", options, "-l", str(self.dir / "log"), "-w", "start"
         )
         return self.url
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data (an outage)."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def start_server(self) -> None:
+        """Start the server again after ``stop_server``."""
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.dir / "data"),
+            "-o",
+            self._options,
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
         try:
