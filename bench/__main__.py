@@ -174,14 +174,21 @@ def main(argv: list[str] | None = None) -> int:
 def _longpoll_rows(
     backends: list[str], command: Callable[[str], list[str]], size: Size, no_original: bool
 ) -> list[tuple[str, str, str, str, str]]:
-    rows = []
+    rows: list[tuple[str, str, str, str, str]] = []
     original = None
     if not no_original:
-        with started("original", command("original")) as server:
-            original = scenarios.longpoll(server, size, waiters_stat=False)
+        try:
+            with started("original", command("original")) as server:
+                original = scenarios.longpoll(server, size, waiters_stat=False)
+        except Failed as error:
+            print(f"original longpoll: FAILED {error}", file=sys.stderr)
     for backend in backends:
-        with started(backend, command(backend)) as server:
-            result = scenarios.longpoll(server, size)
+        try:
+            with started(backend, command(backend)) as server:
+                result = scenarios.longpoll(server, size)
+        except Failed as error:
+            rows.append((f"longpoll {size.waiters:,} waiters", backend, f"FAILED: {error}", "", ""))
+            continue
         rows.append(
             (
                 f"longpoll {size.waiters:,} waiters",

@@ -326,7 +326,10 @@ async def _longpoll(server: Server, size: Size, waiters_stat: bool) -> LongPoll:
             body = f"{number} ".encode().ljust(256, b"x")
             sent[number] = time.perf_counter()
             async with session.post(
-                f"{server.base}/channels/lp{number % channels}", data=body, headers=HEADERS
+                # A long timeout: no delivery comes back to another waiter during the run.
+                f"{server.base}/channels/lp{number % channels}?timeout=3600",
+                data=body,
+                headers=HEADERS,
             ) as response:
                 _require(response.status == 202, f"long-poll add: {response.status}")
             await asyncio.sleep(0.005)

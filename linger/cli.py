@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 from linger import __version__
 from linger.config import Settings, sqlite_url
 
@@ -211,6 +213,15 @@ def parse_settings(
     return settings
 
 
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp answers a request it cannot parse with 400 and logs a traceback: that is the
+    client's fault, not the server's, so it is not logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, HttpProcessingError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
     logging.basicConfig(
@@ -219,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     if settings.workers > 1:
         from linger.workers import supervise
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from aiohttp import BodyPartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from linger import errors
 from linger.db import NAME_LENGTH
@@ -154,7 +155,7 @@ async def _read_form(request: web.Request, max_size: int) -> tuple[bytes, dict[s
         fields = {key: value.decode("utf-8") for key, value in pairs}
     except UnicodeDecodeError:
         raise errors.InvalidParameter("Invalid UTF-8 in form data.") from None
-    except ValueError as error:  # malformed multipart framing
+    except (ValueError, HttpProcessingError) as error:  # malformed multipart framing/headers
         raise errors.InvalidParameter("Invalid form data.") from error
     message = next((value for key, value in reversed(pairs) if key == "msg"), b"")
     return message, fields

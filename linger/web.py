@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from urllib.parse import quote
 
 from aiohttp import web
@@ -107,6 +108,14 @@ def _message_response(message: Message, now_ms: int) -> web.Response:
         "x-linger-topic": header_value(message.topic),
     }
     return web.Response(body=message.body, headers=headers)
+
+
+_OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this API."""
+    return web.Response(body=_OPENAPI, content_type="application/json", charset="utf-8")
 
 
 async def get_root(request: web.Request) -> web.Response:
@@ -280,4 +289,5 @@ ROUTES = [
     web.delete("/messages/{id:[0-9]+}", delete_message, name="delete_message"),
     web.post("/messages/{id:[0-9]+}/touch", touch_message, name="touch_message"),
     web.get("/stats", get_stats, name="stats", allow_head=False),
+    web.get("/openapi.json", get_openapi, name="openapi", allow_head=False),
 ]

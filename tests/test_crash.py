@@ -82,19 +82,25 @@ async def _consume(
                     ledger.deleted_at[message_id] = time.monotonic()
 
 
-async def _round(server: Server, ledger: Ledger, seconds: float) -> None:
-    """Load the server until it is killed after ``seconds``."""
+async def _round(
+    server: Server, ledger: Ledger, seconds: float, signum: int = signal.SIGKILL
+) -> tuple[int, float]:
+    """Load the server until ``signum`` stops it after ``seconds``; return its exit code
+    and how long it took to exit."""
     async with aiohttp.ClientSession() as session:
         tasks = [asyncio.create_task(_produce(session, server, ledger)) for _ in range(4)]
         tasks += [asyncio.create_task(_consume(session, server, ledger)) for _ in range(4)]
         await asyncio.sleep(seconds)
-        server.signal(signal.SIGKILL)
-        await asyncio.to_thread(server.wait, 10)
+        stopping = time.monotonic()
+        server.signal(signum)
+        code = await asyncio.to_thread(server.wait, 10)
+        took = time.monotonic() - stopping
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
                 await task
+    return code, took
 
 
 async def _drain(server: Server, ledger: Ledger) -> None:
@@ -140,3 +146,25 @@ async def test_sigkill_loses_nothing_acknowledged(
     assert not lost
     assert not ledger.delivered_after_delete
     assert not ledger.id_reused
+
+
+async def test_sigterm_under_load_exits_zero_and_loses_nothing(
+    servers: list[Server], server_args: list[str]
+) -> None:
+    ledger = Ledger()
+    server = await start_server(servers, *server_args)
+    async with aiohttp.ClientSession() as session:
+        waiting = [
+            asyncio.create_task(session.get(f"{server.base}/channels/idle{i}")) for i in range(8)
+        ]
+        await asyncio.sleep(0.2)
+        code, took = await _round(server, ledger, 1.0, signal.SIGTERM)
+        answers = await asyncio.gather(*waiting, return_exceptions=True)
+    assert code == 0
+    assert took < 5
+    assert [getattr(a, "status", a) for a in answers] == [204] * 8
+    final = await start_server(servers, *server_args)
+    await _drain(final, ledger)
+    assert ledger.acknowledged
+    assert not set(ledger.acknowledged) - set(ledger.delivered)
+    assert not ledger.delivered_after_delete

@@ -96,7 +96,8 @@ async def test_cross_process_wakeup_p99_under_100ms(
     a, b = pair
     latencies = sorted([await _poll_wakeup(session, a, b, "x") for _ in range(100)])
     p99 = latencies[98]
-    assert p99 < 0.1, f"p50 {latencies[49]:.4f} s, p99 {p99:.4f} s"
+    print(f"\ncross-process wake-up: p50 {latencies[49] * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    assert p99 < 0.1
 
 
 @pytest.mark.sqlite
