@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for name in chosen:
             if name == "longpoll":
-                rows.extend(_longpoll_rows(backends, command, size, args.no_original))
+                new = _longpoll_rows(backends, command, size, args.no_original)
+                failures += sum(row[2].startswith("FAILED") for row in new)
+                rows.extend(new)
+                print_table(new, header=False)
                 continue
             figure, unit = SCENARIOS[name]
             original = None

@@ -100,6 +100,10 @@ def single(stmt: Prepared, params: Mapping[str, Any]) -> Operation[list[Row]]:
     return (yield stmt, params)
 
 
+class _StaleConnection(Exception):
+    """The connection failed before the group's transaction began."""
+
+
 class _Outcome:
     """What one operation of a group came to: a value, or a domain error."""
 
@@ -185,9 +189,13 @@ class Driver:
             conn: AsyncConnection = await self._engine.connect()
         except _CONNECT_ERRORS as error:
             raise errors.Unavailable() from error
+        raw: Any = None
         try:
-            raw = await conn.get_raw_connection()
-            yield raw.driver_connection
+            raw = (await conn.get_raw_connection()).driver_connection
+            yield raw
+        except _StaleConnection:
+            await conn.invalidate()
+            raise
         except _UNREACHABLE as error:
             await conn.invalidate()
             raise errors.Unavailable() from error
@@ -197,6 +205,12 @@ class Driver:
             if _is_full(error):
                 logger.error("database full: %s", error)
                 raise errors.StorageFull() from error
+            raise
+        except Exception as error:
+            if self.postgres and raw is not None and raw.is_closed():
+                # Whatever asyncpg raised, a closed connection means the database went away.
+                await conn.invalidate()
+                raise errors.Unavailable() from error
             raise
         finally:
             await conn.close()
@@ -254,15 +268,35 @@ class Driver:
                 _settle(future, outcome)
 
     async def _run_group(self, factories: list[OperationFactory]) -> list[_Outcome]:
+        try:
+            return await self._run_group_once(factories)
+        except _StaleConnection:
+            # A pooled connection that died while idle (a database restart) failed at
+            # BEGIN, before anything ran: once more on a new connection.
+            return await self._run_group_once(factories)
+
+    async def _run_group_once(self, factories: list[OperationFactory]) -> list[_Outcome]:
         async with self._connect() as raw:
             if self.postgres:
                 fetch = _fetcher(raw, postgres=True)
-                async with raw.transaction():
-                    return [await _drive_async(fetch, factory()) for factory in factories]
+                transaction = raw.transaction()
+                try:
+                    await transaction.start()
+                except _UNREACHABLE as error:
+                    raise _StaleConnection() from error
+                try:
+                    outcomes: list[_Outcome] = [
+                        await _drive_async(fetch, factory()) for factory in factories
+                    ]
+                except BaseException:
+                    if not raw.is_closed():
+                        await transaction.rollback()
+                    raise
+                await transaction.commit()
+                return outcomes
             # One hop to aiosqlite's thread for the whole group. aiosqlite runs whatever
             # callable is queued to its worker; _execute is how its own methods do it.
-            outcomes: list[_Outcome] = await raw._execute(_sqlite_group, raw._conn, factories)
-            return outcomes
+            return await raw._execute(_sqlite_group, raw._conn, factories)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         """Wait for the operations already submitted."""

@@ -2,8 +2,8 @@
 moments and restarted. Nothing acknowledged may be lost, nothing deleted may come back and
 no id may be given to two messages.
 
-The CI run kills each backend's server a few times; set LINGER_CRASH_KILLS (e.g. 25) for
-the full run: ``LINGER_CRASH_KILLS=25 pytest -m crash -s``.
+The CI run kills each backend's server a few times; set LINGER_TEST_CRASH_KILLS (e.g. 25) for
+the full run: ``LINGER_TEST_CRASH_KILLS=25 pytest -m crash -s``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 
 from .processes import Server, start_server
 
-KILLS = int(os.environ.get("LINGER_CRASH_KILLS", "4"))
+KILLS = int(os.environ.get("LINGER_TEST_CRASH_KILLS", "4"))
 TIMEOUT = 1  # visibility timeout of every message: hidden ones come back quickly
 pytestmark = pytest.mark.crash
 
@@ -106,22 +106,27 @@ async def _round(
 async def _drain(server: Server, ledger: Ledger) -> None:
     """Consume everything that is left, hidden messages included once they come back."""
     async with aiohttp.ClientSession() as session:
-        deadline = time.monotonic() + 30
+
+        async def consumer() -> None:
+            while True:
+                started = time.monotonic()
+                async with session.get(f"{server.base}/channels/crash?nowait") as response:
+                    body = await response.read()
+                    if response.status == 204:
+                        return
+                    message_id = int(response.headers["x-linger-msg-id"])
+                ledger.received(message_id, body, started)
+                async with session.delete(f"{server.base}/messages/{message_id}") as deleted:
+                    if deleted.status == 204:
+                        ledger.deleted_at[message_id] = time.monotonic()
+
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
+            await asyncio.gather(*(consumer() for _ in range(8)))
             async with session.get(f"{server.base}/channels/crash/stats") as response:
-                stats = await response.json()
-            if stats == {"ready": 0, "hidden": 0}:
-                return
-            started = time.monotonic()
-            async with session.get(f"{server.base}/channels/crash") as response:
-                body = await response.read()
-                if response.status != 200:
-                    continue
-                message_id = int(response.headers["x-linger-msg-id"])
-            ledger.received(message_id, body, started)
-            async with session.delete(f"{server.base}/messages/{message_id}") as deleted:
-                if deleted.status == 204:
-                    ledger.deleted_at[message_id] = time.monotonic()
+                if await response.json() == {"ready": 0, "hidden": 0}:
+                    return
+            await asyncio.sleep(TIMEOUT / 4)  # hidden ones come back after their timeout
         pytest.fail("the channel did not drain")
 
 
@@ -129,7 +134,7 @@ async def test_sigkill_loses_nothing_acknowledged(
     servers: list[Server], server_args: list[str]
 ) -> None:
     ledger = Ledger()
-    rng = random.Random(os.environ.get("LINGER_CRASH_SEED", "linger"))
+    rng = random.Random(os.environ.get("LINGER_TEST_CRASH_SEED", "linger"))
     for _ in range(KILLS):
         server = await start_server(servers, *server_args)
         await _round(server, ledger, rng.uniform(0.2, 0.8))

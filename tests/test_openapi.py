@@ -21,7 +21,7 @@ CHECKS = ",".join(
         "unsupported_method",
     ]
 )
-EXAMPLES = os.environ.get("LINGER_SCHEMATHESIS_EXAMPLES", "20")
+EXAMPLES = os.environ.get("LINGER_TEST_SCHEMATHESIS_EXAMPLES", "20")
 
 
 async def test_openapi_document_is_served(client: Client) -> None:

@@ -98,14 +98,14 @@ async def test_killed_pool_connections_give_503_then_recover(
     assert got.headers["x-linger-msg-id"] == str(kept)
 
 
-OUTAGE_SECONDS = float(os.environ.get("LINGER_OUTAGE_SECONDS", "3"))
+OUTAGE_SECONDS = float(os.environ.get("LINGER_TEST_OUTAGE_SECONDS", "3"))
 
 
 @pytest.mark.postgres
 async def test_postgres_outage_is_503_then_service_resumes(
     servers: list[Server], backend: str
 ) -> None:
-    """PostgreSQL stops under load (LINGER_OUTAGE_SECONDS, 3 s in CI, 10 s for the full
+    """PostgreSQL stops under load (LINGER_TEST_OUTAGE_SECONDS, 3 s in CI, 10 s for the full
     run): requests get 503 with Retry-After, never a 500 or a hang; a long-poll waits
     through it; when PostgreSQL is back, service resumes without restarting Linger."""
     cluster = Cluster()
