@@ -42,7 +42,11 @@ async def _stop(task: asyncio.Task[None]) -> None:
 def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def resources(app: web.Application) -> AsyncIterator[None]:
         settings = app[SETTINGS]
-        engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
+        engine = db.create_engine(
+            settings.db,
+            sqlite_synchronous=settings.sqlite_sync,
+            sqlite_busy_timeout=settings.sqlite_busy_timeout,
+        )
         try:
             app[ENGINE] = engine
             await db.prepare(engine, migrate=settings.migrate)

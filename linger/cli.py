@@ -103,6 +103,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         "(faster; the last commits may be lost on power failure, not on a crash)",
     ),
     (
+        "sqlite-busy-timeout",
+        _seconds,
+        _DEFAULTS.sqlite_busy_timeout,
+        "how long a write waits for another process's lock on a --dbfile, then 503",
+    ),
+    (
         "migrate",
         _boolean,
         _DEFAULTS.migrate,

@@ -21,6 +21,7 @@ class Settings:
     poll_interval: float = 1.0
     sweep_interval: float = 1.0
     sqlite_sync: str = "FULL"
+    sqlite_busy_timeout: float = 10.0
     migrate: bool = False
     access_log: bool = False
     log_level: str = "INFO"

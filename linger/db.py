@@ -108,7 +108,9 @@ def is_memory_sqlite(url: sa.URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
-def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> AsyncEngine:
+def create_engine(
+    url: str | sa.URL, *, sqlite_synchronous: str = "FULL", sqlite_busy_timeout: float = 10.0
+) -> AsyncEngine:
     """An async engine for ``url``; SQLite connections get WAL, a busy timeout and
     ``BEGIN IMMEDIATE`` transactions, so writers queue instead of failing."""
     url = sa.make_url(url)
@@ -149,9 +151,13 @@ def create_engine(url: str | sa.URL, *, sqlite_synchronous: str = "FULL") -> Asy
         if not memory:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA synchronous={sqlite_synchronous}")
+            # Deep queues outgrow SQLite's 2 MB page cache: read the file through a shared
+            # memory map and keep more pages per connection.
+            cursor.execute("PRAGMA mmap_size=1073741824")
+            cursor.execute("PRAGMA cache_size=-16384")
         # Writers queue for the lock this long (other processes sharing the file), then
         # the request fails with 503.
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={int(sqlite_busy_timeout * 1000)}")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "reset")

@@ -34,7 +34,11 @@ def _worker(settings: Settings) -> None:
 
 
 async def _prepare(settings: Settings) -> None:
-    engine = db.create_engine(settings.db, sqlite_synchronous=settings.sqlite_sync)
+    engine = db.create_engine(
+        settings.db,
+        sqlite_synchronous=settings.sqlite_sync,
+        sqlite_busy_timeout=settings.sqlite_busy_timeout,
+    )
     try:
         await db.prepare(engine, migrate=settings.migrate)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -199,3 +200,27 @@ async def test_oversized_request_head_is_4xx(client: Client, request_head: bytes
     writer.close()
     assert status_line.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), status_line
     assert (await client.get("/stats")).status == 200
+
+
+@pytest.mark.sqlite
+async def test_sqlite_file_locked_by_another_process_is_503_then_works(
+    make_client: ClientFactory, database_url: str, backend: str
+) -> None:
+    client = await make_client(sqlite_busy_timeout=0.2)
+    kept = await add(client, "c", "kept")
+    path = database_url.split("///", 1)[1]
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        response = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
+        await error(response, 503, "The database is busy, try again later.")
+        assert response.headers["Retry-After"] == "1"
+        assert time.monotonic() - started < 2
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert (
+        await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
+    ).status == 202
+    assert (await get(client, "c")).headers["x-linger-msg-id"] == str(kept)
