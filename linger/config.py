@@ -29,8 +29,7 @@ class Settings:
 
     @property
     def in_memory(self) -> bool:
-        url = sa.make_url(self.db)
-        return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
+        return is_memory_sqlite(sa.make_url(self.db))
 
     @property
     def db_display(self) -> str:
@@ -39,6 +38,10 @@ class Settings:
         if url.get_backend_name() == "sqlite":
             return url.database or ":memory:"
         return url.render_as_string(hide_password=True)
+
+
+def is_memory_sqlite(url: sa.URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def sqlite_url(path: str) -> str:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from linger import errors
+from linger.config import is_memory_sqlite
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,6 @@ server = sa.Table(
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
 )
-
-
-def is_memory_sqlite(url: sa.URL) -> bool:
-    return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
 def create_engine(

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from linger import db
 from linger.app import create_app
 from linger.config import Settings
+from linger.listener import asyncpg_dsn
 
 from .pgcluster import Cluster
 from .processes import Server
@@ -55,13 +56,6 @@ class Clock:
         self.offset += seconds
 
 
-def _asyncpg_dsn(url: str, database: str | None = None) -> str:
-    parsed = sa.make_url(url).set(drivername="postgresql")
-    if database:
-        parsed = parsed.set(database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
 def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
     """Run ``coroutine`` to completion from sync code, even inside a running event loop
     (session fixtures may be set up from a test's loop)."""
@@ -70,7 +64,7 @@ def run_sync(coroutine: Coroutine[Any, Any, T]) -> T:
 
 
 async def _admin(url: str, *statements: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         for statement in statements:
             await conn.execute(statement)
@@ -132,7 +126,7 @@ def postgres_url(postgres_admin_url: str) -> str:
 
 
 async def _truncate(url: str) -> None:
-    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await conn.execute("TRUNCATE messages, channels, subscriptions RESTART IDENTITY")
     finally:

@@ -14,7 +14,9 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from .conftest import _admin, _asyncpg_dsn, run_sync
+from linger.listener import asyncpg_dsn
+
+from .conftest import _admin, run_sync
 from .processes import Server, free_port, start_server
 
 
@@ -132,7 +134,7 @@ def test_postgres_schema_behind_is_refused_until_migrated(empty_postgres: str) -
 @pytest.mark.postgres
 async def test_postgres_migrate_option_upgrades(empty_postgres: str, servers: list[Server]) -> None:
     await start_server(servers, "--db", empty_postgres, "--migrate")
-    conn = await asyncpg.connect(_asyncpg_dsn(empty_postgres))
+    conn = await asyncpg.connect(asyncpg_dsn(empty_postgres))
     try:
         assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0001"
     finally:

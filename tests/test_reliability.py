@@ -13,9 +13,10 @@ import aiohttp
 import asyncpg
 import pytest
 
+from linger.listener import asyncpg_dsn
 from linger.web import ENGINE
 
-from .conftest import ClientFactory, _asyncpg_dsn
+from .conftest import ClientFactory
 from .helpers import Client, add, error, get, server_stats
 from .pgcluster import Cluster
 from .processes import Server, start_server
@@ -72,7 +73,7 @@ async def test_killed_pool_connections_give_503_then_recover(
 ) -> None:
     kept = await add(client, "c", "kept")
     await asyncio.gather(*(add(client, f"warm{i}", "m") for i in range(8)))  # fill the pool
-    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         killed = await conn.fetch(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from .conftest import _asyncpg_dsn
+from linger.listener import asyncpg_dsn
+
 from .processes import Server, free_port, start_server
 
 HEADERS = {"Content-Type": "text/plain"}
@@ -162,7 +163,7 @@ async def _bulk_insert(database_url: str, channel: str, count: int) -> None:
 
         await asyncio.to_thread(insert)
         return
-    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         await conn.executemany(sql + "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)", rows)
     finally:
@@ -226,7 +227,7 @@ async def test_killed_listener_connection_is_reestablished(
     pair: list[Server], session: aiohttp.ClientSession, database_url: str
 ) -> None:
     a, b = pair
-    conn = await asyncpg.connect(_asyncpg_dsn(database_url))
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         killed = await conn.fetch(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
