@@ -46,6 +46,16 @@ class Server:
                 assert asyncio.get_running_loop().time() < deadline, "server did not start"
                 await asyncio.sleep(0.05)
 
+    async def until_waiting(self, session: aiohttp.ClientSession, count: int) -> None:
+        """Return once this (single-process) server holds ``count`` waiting long-polls."""
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with session.get(self.base + "/stats") as response:
+                if (await response.json())["current-waiters"] == count:
+                    return
+            assert asyncio.get_running_loop().time() < deadline, "long-polls never waited"
+            await asyncio.sleep(0.02)
+
     def stderr(self) -> str:
         self.log.seek(0)
         return self.log.read().decode()

@@ -162,7 +162,7 @@ async def test_sigterm_under_load_exits_zero_and_loses_nothing(
         waiting = [
             asyncio.create_task(session.get(f"{server.base}/channels/idle{i}")) for i in range(8)
         ]
-        await asyncio.sleep(0.2)
+        await server.until_waiting(session, 8)
         code, took = await _round(server, ledger, 1.0, signal.SIGTERM)
         answers = await asyncio.gather(*waiting, return_exceptions=True)
     assert code == 0

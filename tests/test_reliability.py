@@ -116,7 +116,7 @@ async def test_postgres_outage_is_503_then_service_resumes(
         server = await start_server(servers, "--db", url, "--migrate", "--poll-max", "60")
         async with aiohttp.ClientSession() as session:
             waiting = asyncio.create_task(session.get(f"{server.base}/channels/through"))
-            await asyncio.sleep(0.3)
+            await server.until_waiting(session, 1)
             await asyncio.to_thread(cluster.stop_server)
             statuses = await _load_during(session, server, OUTAGE_SECONDS)
             assert statuses, "no request was made during the outage"

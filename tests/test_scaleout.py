@@ -40,13 +40,6 @@ async def _until(predicate: Any, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
-async def _waiters(session: aiohttp.ClientSession, server: Server, count: int) -> None:
-    async def waiting() -> bool:
-        return bool((await _json(session, f"{server.base}/stats"))["current-waiters"] == count)
-
-    await _until(waiting)
-
-
 async def _add(
     session: aiohttp.ClientSession, server: Server, channel: str, body: bytes = b"m"
 ) -> int:
@@ -69,7 +62,7 @@ async def _poll_wakeup(
             return int(response.headers["x-linger-msg-id"]), time.perf_counter()
 
     waiting = asyncio.create_task(consume())
-    await _waiters(session, consumer, 1)
+    await consumer.until_waiting(session, 1)
     sent = time.perf_counter()
     message_id = await _add(session, producer, channel)
     got_id, received = await asyncio.wait_for(waiting, 5)
@@ -264,7 +257,14 @@ async def test_workers_share_one_port_and_stop_gracefully(
     waiting = [
         asyncio.create_task(session.get(f"{server.base}/channels/idle{i}")) for i in range(4)
     ]
-    await asyncio.sleep(0.3)
+
+    async def all_polling() -> bool:
+        # A long-poll marks its channel polled in the claim it runs before waiting, in
+        # the database every worker reads, so this holds whichever worker answers.
+        listed = set((await _json(session, f"{server.base}/channels"))["channels"])
+        return listed >= {f"idle{i}" for i in range(4)}
+
+    await _until(all_polling, 10)
     server.signal(signal.SIGTERM)
     responses = await asyncio.wait_for(asyncio.gather(*waiting), 10)
     assert [r.status for r in responses] == [204] * 4
