@@ -4,14 +4,17 @@ The supervisor prepares the database once (migrations or the schema check), then
 the workers. SIGTERM or SIGINT stops every worker gracefully (each answers its waiting
 consumers 204 and finishes its requests) and exits 0; SIGHUP replaces the workers one by
 one, starting the new one before stopping the old, so the port never goes unserved. A
-worker that dies is restarted.
+worker that dies is restarted; if the supervisor itself is killed, its workers stop
+gracefully too (Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import time
@@ -26,9 +29,20 @@ logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 10.0
 _RESTART_DELAY = 1.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _worker(settings: Settings) -> None:
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM (a graceful stop) when its supervisor dies,
+    so that a supervisor killed with SIGKILL leaves no orphans serving the port."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the request above
+        sys.exit(0)
+
+
+def _worker(settings: Settings, supervisor: int) -> None:
+    _stop_with(supervisor)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     run(settings, reuse_port=True)
 
@@ -54,7 +68,9 @@ class Supervisor:
         self.reload = False
 
     def spawn(self) -> BaseProcess:
-        worker = self.context.Process(target=_worker, args=(self.settings,), daemon=False)
+        worker = self.context.Process(
+            target=_worker, args=(self.settings, os.getpid()), daemon=False
+        )
         worker.start()
         logger.info("worker %s started", worker.pid)
         return worker

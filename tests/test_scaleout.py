@@ -243,16 +243,42 @@ async def test_killed_listener_connection_is_reestablished(
         assert await _poll_wakeup(session, a, b, "after") < 0.5
 
 
+async def _worker_pids(server: Server, count: int) -> set[int]:
+    pids: set[int] = set()
+    deadline = time.monotonic() + 10
+    while len(pids) < count:
+        assert time.monotonic() < deadline, "requests never reached every worker"
+        async with aiohttp.ClientSession() as fresh:  # a new connection each time
+            pids.add((await _json(fresh, f"{server.base}/stats"))["pid"])
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+    servers: list[Server], server_args: list[str]
+) -> None:
+    server = await start_server(servers, *server_args, "--workers", "2")
+    pids = await _worker_pids(server, 2)
+    server.signal(signal.SIGKILL)
+
+    async def stopped() -> bool:
+        return all(_gone(pid) for pid in pids)
+
+    await _until(stopped, 10)
+
+
 async def test_workers_share_one_port_and_stop_gracefully(
     servers: list[Server], server_args: list[str], session: aiohttp.ClientSession
 ) -> None:
     server = await start_server(servers, *server_args, "--workers", "2")
-    pids: set[int] = set()
-    deadline = time.monotonic() + 10
-    while len(pids) < 2:
-        assert time.monotonic() < deadline, "requests never reached a second worker"
-        async with aiohttp.ClientSession() as fresh:  # a new connection each time
-            pids.add((await _json(fresh, f"{server.base}/stats"))["pid"])
+    await _worker_pids(server, 2)
     message_id = await _add(session, server, "w")
     waiting = [
         asyncio.create_task(session.get(f"{server.base}/channels/idle{i}")) for i in range(4)
