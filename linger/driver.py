@@ -31,6 +31,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -79,6 +80,8 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Most operations committed in one group.
 _GROUP_LIMIT = 128
+# Dead pooled connections skipped before a group gives up (the pool holds at most 20).
+_STALE_RETRIES = 21
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
 
@@ -98,6 +101,15 @@ def _is_full(error: BaseException) -> bool:
 def single(stmt: Prepared, params: Mapping[str, Any]) -> Operation[list[Row]]:
     """An operation of one statement, returning its rows."""
     return (yield stmt, params)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An operation waiting for its group."""
+
+    factory: OperationFactory
+    future: asyncio.Future[Any]
+    atomic: bool
 
 
 class _StaleConnection(Exception):
@@ -139,6 +151,14 @@ def _sqlite_group(conn: sqlite3.Connection, factories: list[OperationFactory]) -
     return outcomes
 
 
+def _sqlite_autocommit(
+    conn: sqlite3.Connection, factories: list[OperationFactory]
+) -> list[_Outcome]:
+    """Runs in the SQLite connection's thread: one operation, each statement committing
+    on its own."""
+    return [_drive_sync(conn, factory()) for factory in factories]
+
+
 Fetch = Callable[[str, list[Any]], Awaitable[Iterable[Row]]]
 
 
@@ -167,7 +187,7 @@ class Driver:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
-        self._pending: list[tuple[OperationFactory, asyncio.Future[Any]]] = []
+        self._pending: list[_Pending] = []
         self._committers: set[asyncio.Task[None]] = set()
         # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
         # with another's commit.
@@ -192,6 +212,8 @@ class Driver:
         raw: Any = None
         try:
             raw = (await conn.get_raw_connection()).driver_connection
+            if self.postgres and raw.is_closed():
+                raise _StaleConnection()
             yield raw
         except _StaleConnection:
             await conn.invalidate()
@@ -215,18 +237,27 @@ class Driver:
         finally:
             await conn.close()
 
-    async def read(self, operation: Operation[T]) -> T:
+    async def read(self, factory: Callable[[], Operation[T]]) -> T:
         """Run a read-only operation on a pooled connection, outside any group."""
-        async with self._connect() as raw:
-            outcome = await _drive_async(_fetcher(raw, self.postgres), operation)
-        result: T = _result(outcome)
+
+        async def attempt() -> _Outcome:
+            async with self._connect() as raw:
+                return await _drive_async(_fetcher(raw, self.postgres), factory())
+
+        result: T = _result(await _skipping_stale(attempt))
         return result
 
-    async def write(self, factory: Callable[[], Operation[T]]) -> T:
+    async def write(self, factory: Callable[[], Operation[T]], *, atomic: bool = True) -> T:
         """Run an operation in the next group-committed transaction; return its result
-        once that transaction has committed."""
+        once that transaction has committed.
+
+        ``atomic=False`` says that each statement of the operation may commit on its own
+        (it writes with one statement at most, or its statements are independent): when
+        such an operation is alone in its group, it runs without BEGIN and COMMIT, which
+        saves two round trips on PostgreSQL.
+        """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((factory, future))
+        self._pending.append(_Pending(factory, future, atomic))
         if len(self._committers) < self._max_committers:
             committer = asyncio.create_task(self._commit_pending())
             self._committers.add(committer)
@@ -237,46 +268,46 @@ class Driver:
         while self._pending:
             group = self._pending[:_GROUP_LIMIT]
             del self._pending[:_GROUP_LIMIT]
-            factories = [factory for factory, _ in group]
             try:
-                outcomes = await self._run_group(factories)
+                outcomes = await self._run_group(group)
             except (errors.Unavailable, errors.StorageFull) as error:
-                for _, future in group:
-                    _settle(future, error=error)
+                for pending in group:
+                    _settle(pending.future, error=error)
                 continue
             except Exception:
                 if len(group) == 1:
                     logger.exception("database operation failed")
-                    _settle(group[0][1], error=errors.DatabaseError())
+                    _settle(group[0].future, error=errors.DatabaseError())
                     continue
                 # Retry one by one: only the operation at fault fails.
                 await self._commit_each(group)
                 continue
-            for (_, future), outcome in zip(group, outcomes, strict=True):
-                _settle(future, outcome)
+            for pending, outcome in zip(group, outcomes, strict=True):
+                _settle(pending.future, outcome)
 
-    async def _commit_each(self, group: list[tuple[OperationFactory, asyncio.Future[Any]]]) -> None:
-        for factory, future in group:
+    async def _commit_each(self, group: list[_Pending]) -> None:
+        for pending in group:
             try:
-                (outcome,) = await self._run_group([factory])
+                (outcome,) = await self._run_group([pending])
             except (errors.Unavailable, errors.StorageFull) as error:
-                _settle(future, error=error)
+                _settle(pending.future, error=error)
             except Exception:
                 logger.exception("database operation failed")
-                _settle(future, error=errors.DatabaseError())
+                _settle(pending.future, error=errors.DatabaseError())
             else:
-                _settle(future, outcome)
+                _settle(pending.future, outcome)
 
-    async def _run_group(self, factories: list[OperationFactory]) -> list[_Outcome]:
-        try:
-            return await self._run_group_once(factories)
-        except _StaleConnection:
-            # A pooled connection that died while idle (a database restart) failed at
-            # BEGIN, before anything ran: once more on a new connection.
-            return await self._run_group_once(factories)
+    async def _run_group(self, group: list[_Pending]) -> list[_Outcome]:
+        factories = [pending.factory for pending in group]
+        autocommit = len(group) == 1 and not group[0].atomic
+        return await _skipping_stale(partial(self._run_group_once, factories, autocommit))
 
-    async def _run_group_once(self, factories: list[OperationFactory]) -> list[_Outcome]:
+    async def _run_group_once(
+        self, factories: list[OperationFactory], autocommit: bool
+    ) -> list[_Outcome]:
         async with self._connect() as raw:
+            if self.postgres and autocommit:
+                return [await _drive_async(_fetcher(raw, postgres=True), factories[0]())]
             if self.postgres:
                 fetch = _fetcher(raw, postgres=True)
                 transaction = raw.transaction()
@@ -296,12 +327,25 @@ class Driver:
                 return outcomes
             # One hop to aiosqlite's thread for the whole group. aiosqlite runs whatever
             # callable is queued to its worker; _execute is how its own methods do it.
-            return await raw._execute(_sqlite_group, raw._conn, factories)  # type: ignore[no-any-return]
+            run = _sqlite_autocommit if autocommit else _sqlite_group
+            return await raw._execute(run, raw._conn, factories)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         """Wait for the operations already submitted."""
         if self._committers:
             await asyncio.wait(self._committers)
+
+
+async def _skipping_stale(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run ``attempt`` until it gets a live connection. A pooled connection that died
+    while idle (a database restart) fails before anything ran and is dropped from the
+    pool; after a restart, every pooled connection may be dead."""
+    for _ in range(_STALE_RETRIES):
+        try:
+            return await attempt()
+        except _StaleConnection:
+            continue
+    raise errors.Unavailable()
 
 
 def _result(outcome: _Outcome) -> Any:

@@ -346,10 +346,10 @@ class Storage:
         return int(self._clock() * 1000)
 
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
-        return await self._driver.read(single(stmt, params))
+        return await self._driver.read(partial(single, stmt, params))
 
     async def _write(self, stmt: Prepared, **params: Any) -> list[Row]:
-        return await self._driver.write(partial(single, stmt, params))
+        return await self._driver.write(partial(single, stmt, params), atomic=False)
 
     async def add_message(
         self, channel: str, body: bytes, content_type: str, options: Options, hlm: int = 0
@@ -374,7 +374,7 @@ class Storage:
             "origin": self.origin,
             "dead_at": now + _ms(options.linger) if options.linger > 0 else None,
         }
-        return await self._driver.write(partial(self._add_operation, params))
+        return await self._driver.write(partial(self._add_operation, params), atomic=hlm > 0)
 
     def _add_operation(self, params: dict[str, Any]) -> Operation[int]:
         if params["hlm"] <= 0:
@@ -397,7 +397,10 @@ class Storage:
         ``poll`` > 0, a consumer will wait that long: record it for the channel list."""
         now = self.now()
         params = {"channel": channel, "now": now, "until": now + int(poll * 1000)}
-        return await self._driver.write(partial(self._claim_operation, params, poll > 0))
+        # The claim is one statement; the mark for the channel list is independent of it.
+        return await self._driver.write(
+            partial(self._claim_operation, params, poll > 0), atomic=False
+        )
 
     def _claim_operation(self, params: dict[str, Any], poll: bool) -> Operation[Message | None]:
         rows = yield self._claim, params
@@ -415,7 +418,8 @@ class Storage:
     async def touch_message(self, message_id: int) -> None:
         """Restart the visibility timeout of a hidden message."""
         params = {"id": message_id, "now": self.now()}
-        await self._driver.write(partial(self._touch_operation, params))
+        # Only the first statement writes; the second explains why it did not.
+        await self._driver.write(partial(self._touch_operation, params), atomic=False)
 
     def _touch_operation(self, params: dict[str, Any]) -> Operation[None]:
         if (yield self._touch, params):
