@@ -7,11 +7,13 @@ import argparse
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -51,6 +53,14 @@ def measure(command: list[str], name: str, figure: Figure, size: Size, runs: int
     return statistics.median(values)
 
 
+def http_ceiling(size: Size) -> str:
+    """The cycle against aiohttp with nothing behind it: the Python HTTP stack's own
+    ceiling, which bounds every Linger figure."""
+    with started("noop", [sys.executable, "-m", "bench.noop"]) as server:
+        result = scenarios.wrk(server, "cycle.lua", ["noop"], connections=16, seconds=size.seconds)
+    return f"{result.rate:,.0f} cycles/s (aiohttp answering the cycle with no database)"
+
+
 def generator_ceiling(seconds: float) -> str:
     """wrk's own ceiling on this machine: requests/s against nginx answering 204."""
     nginx = shutil.which("nginx") or (
@@ -75,11 +85,9 @@ def generator_ceiling(seconds: float) -> str:
     try:
         server = Server("nginx", [])
         server.port = port
-        import time
-
         time.sleep(0.5)
         output = subprocess.run(
-            ["wrk", "-t2", "-c16", f"-d{max(1, round(seconds))}s", server.base],
+            ["wrk", "-t16", "-c16", f"-d{max(1, round(seconds))}s", server.base],
             capture_output=True,
             text=True,
             check=True,
@@ -120,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
     args = parser.parse_args(argv)
+    # A run stopped with SIGTERM still stops its servers and removes its PostgreSQL.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     size = QUICK if args.quick else Size()
     if args.seconds:
         size = Size(**{**size.__dict__, "seconds": args.seconds})
@@ -134,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.platform()}, Python {platform.python_version()}"
     )
     print(f"load generator ceiling: {generator_ceiling(size.seconds)}")
+    print(f"Python HTTP ceiling: {http_ceiling(size)}")
     print(
         f"{runs} run(s) per figure, {size.seconds:g} s each; medians "
         f"(the original's {', '.join(sorted(SLOW_ON_ORIGINAL))}: one run)\n"
