@@ -37,6 +37,8 @@ def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "load generator ceiling" in result.stdout
+    ceiling = next(line for line in result.stdout.splitlines() if line.startswith("Python HTTP"))
+    assert float(ceiling.split(": ")[1].split()[0].replace(",", "")) > 0, ceiling
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     for scenario in ("produce", "consume", "cycle", "depth", "pubsub-4", "longpoll"):
         assert any(row.startswith(f"| {scenario}") for row in rows), scenario
