@@ -105,6 +105,11 @@ server = sa.Table(
 )
 
 
+# PostgreSQL connections per process: kept open, and opened beyond them under load.
+POSTGRES_POOL_SIZE = 10
+POSTGRES_POOL_OVERFLOW = 10
+
+
 def create_engine(
     url: str | sa.URL, *, sqlite_synchronous: str = "FULL", sqlite_busy_timeout: float = 10.0
 ) -> AsyncEngine:
@@ -115,8 +120,8 @@ def create_engine(
         # A database that does not answer makes requests fail (503) in seconds, not hang.
         return create_async_engine(
             url,
-            pool_size=10,
-            max_overflow=10,
+            pool_size=POSTGRES_POOL_SIZE,
+            max_overflow=POSTGRES_POOL_OVERFLOW,
             pool_timeout=10,
             connect_args={"timeout": 5, "command_timeout": 30},
         )

@@ -41,6 +41,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
+from linger.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
 )
 # Most operations committed in one group.
 _GROUP_LIMIT = 128
-# Dead pooled connections skipped before a group gives up (the pool holds at most 20).
-_STALE_RETRIES = 21
+# Dead pooled connections skipped before giving up: more than the pool can hold.
+_STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
 
@@ -113,7 +114,8 @@ class _Pending:
 
 
 class _StaleConnection(Exception):
-    """The connection failed before the group's transaction began."""
+    """The pooled connection was dead before anything ran on it (closed at checkout, or
+    failed at BEGIN): safe to try the next one."""
 
 
 class _Outcome:

@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
@@ -16,6 +18,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], seconds: float = 5.0) -> None:
+    """Return once ``predicate()`` holds; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
 
 
 class Server:
@@ -48,13 +58,12 @@ class Server:
 
     async def until_waiting(self, session: aiohttp.ClientSession, count: int) -> None:
         """Return once this (single-process) server holds ``count`` waiting long-polls."""
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
+
+        async def waiting() -> bool:
             async with session.get(self.base + "/stats") as response:
-                if (await response.json())["current-waiters"] == count:
-                    return
-            assert asyncio.get_running_loop().time() < deadline, "long-polls never waited"
-            await asyncio.sleep(0.02)
+                return bool((await response.json())["current-waiters"] == count)
+
+        await until(waiting, 10)
 
     def stderr(self) -> str:
         self.log.seek(0)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 from linger.listener import asyncpg_dsn
 
-from .processes import Server, free_port, start_server
+from .processes import Server, free_port, start_server, until
 
 HEADERS = {"Content-Type": "text/plain"}
 
@@ -31,13 +31,6 @@ async def _json(session: aiohttp.ClientSession, url: str) -> Any:
     async with session.get(url) as response:
         assert response.status == 200
         return await response.json()
-
-
-async def _until(predicate: Any, seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def _add(
@@ -193,7 +186,7 @@ async def test_every_process_gives_the_same_answers(
     async def listed() -> bool:
         return "polled" in (await _json(session, f"{b.base}/channels"))["channels"]
 
-    await _until(listed)
+    await until(listed)
     await _add(session, b, "busy")
     async with session.put(f"{b.base}/channels/sub/topics/t") as response:
         assert response.status == 204
@@ -236,7 +229,7 @@ async def test_killed_listener_connection_is_reestablished(
                 [(await _json(session, f"{s.base}/stats"))["listener-connected"] for s in pair]
             )
 
-        await _until(reconnected, 10)
+        await until(reconnected, 10)
     finally:
         await conn.close()
     for _ in range(5):
@@ -271,7 +264,7 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     async def stopped() -> bool:
         return all(_gone(pid) for pid in pids)
 
-    await _until(stopped, 10)
+    await until(stopped, 10)
 
 
 async def test_workers_share_one_port_and_stop_gracefully(
@@ -290,7 +283,7 @@ async def test_workers_share_one_port_and_stop_gracefully(
         listed = set((await _json(session, f"{server.base}/channels"))["channels"])
         return listed >= {f"idle{i}" for i in range(4)}
 
-    await _until(all_polling, 10)
+    await until(all_polling, 10)
     server.signal(signal.SIGTERM)
     responses = await asyncio.wait_for(asyncio.gather(*waiting), 10)
     assert [r.status for r in responses] == [204] * 4
@@ -361,7 +354,7 @@ async def test_nginx_in_front_of_two_processes(
         except aiohttp.ClientError:
             return False
 
-    await _until(up, 10)
+    await until(up, 10)
     async with session.post(
         f"{base}/channels/via", data=b"through nginx", headers=HEADERS
     ) as response:
