@@ -12,23 +12,17 @@ from contextlib import suppress
 
 from aiohttp import web
 
-from linger import __version__, db, errors
-from linger.broker import Broker
+from linger import __version__, errors
 from linger.config import Settings
-from linger.driver import Driver
-from linger.listener import Listener
-from linger.notifier import Notifier
-from linger.storage import Storage
-from linger.web import (
-    BROKER,
-    ENGINE,
-    LISTENER,
-    ROUTES,
-    SERVER_ID,
-    SETTINGS,
-    STARTED,
-    error_middleware,
-)
+from linger.http.keys import BROKER, ENGINE, LISTENER, SERVER_ID, SETTINGS, STARTED
+from linger.http.middleware import error_middleware
+from linger.http.routes import ROUTES
+from linger.queue.broker import Broker
+from linger.queue.listener import Listener
+from linger.queue.notifier import Notifier
+from linger.store import db
+from linger.store.driver import Driver
+from linger.store.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,10 @@ import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
-from linger import db, errors
+from linger import errors
 from linger.app import run
 from linger.config import Settings
+from linger.store import db
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from alembic import context
 from sqlalchemy import Connection, pool
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-from linger.db import metadata
+from linger.store.db import metadata
 
 config = context.config
 target_metadata = metadata

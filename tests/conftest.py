@@ -23,10 +23,10 @@ import pytest
 import sqlalchemy as sa
 from aiohttp.test_utils import TestClient
 
-from linger import db
 from linger.app import create_app
 from linger.config import Settings
-from linger.listener import asyncpg_dsn
+from linger.queue.listener import asyncpg_dsn
+from linger.store import db
 
 from .pgcluster import Cluster
 from .processes import Server

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from linger.listener import asyncpg_dsn
+from linger.queue.listener import asyncpg_dsn
 
 from .conftest import _admin, run_sync
 from .processes import Server, free_port, start_server

@@ -13,8 +13,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from linger.listener import asyncpg_dsn
-from linger.web import ENGINE
+from linger.http.keys import ENGINE
+from linger.queue.listener import asyncpg_dsn
 
 from .conftest import ClientFactory
 from .helpers import Client, add, error, get, server_stats

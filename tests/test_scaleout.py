@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from linger.listener import asyncpg_dsn
+from linger.queue.listener import asyncpg_dsn
 
 from .processes import Server, free_port, start_server, until
 

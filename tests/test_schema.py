@@ -12,9 +12,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from linger import db
-from linger.driver import Driver
-from linger.storage import Storage
+from linger.store import db
+from linger.store.driver import Driver
+from linger.store.storage import Storage
 
 from .conftest import _admin
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from linger import db
+from linger.store import db
 
 from .conftest import ClientFactory
 from .helpers import Client, add, error, get, raw, server_stats, stats

@@ -41,7 +41,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
-from linger.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
+from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
 
 logger = logging.getLogger(__name__)
 

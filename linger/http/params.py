@@ -12,8 +12,8 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from linger import errors
-from linger.db import NAME_LENGTH
-from linger.storage import Options
+from linger.store.db import NAME_LENGTH
+from linger.store.storage import Options
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -48,6 +48,14 @@ def name(request: web.Request, segment: int, kind: str) -> str:
     ):
         raise errors.InvalidParameter(f"Invalid {kind} name.")
     return value
+
+
+def channel(request: web.Request) -> str:
+    return name(request, 2, "channel")
+
+
+def topic(request: web.Request, segment: int) -> str:
+    return name(request, segment, "topic")
 
 
 def message_id(request: web.Request) -> int:

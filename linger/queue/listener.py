@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import sqlalchemy as sa
 
-from linger.storage import NOTIFY_CHANNEL
+from linger.store.storage import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from linger import errors
-from linger.db import channels, messages, subscriptions
-from linger.driver import Driver, Operation, Prepared, Row, single
+from linger.store.db import channels, messages, subscriptions
+from linger.store.driver import Driver, Operation, Prepared, Row, single
 
 m = messages
 s = subscriptions

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from linger import errors
-from linger.notifier import Notifier
-from linger.storage import Message, Options, Storage
+from linger.queue.notifier import Notifier
+from linger.store.storage import Message, Options, Storage
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""The HTTP layer: handlers, request parsing, middleware and the route table; the only
+package that imports aiohttp."""

@@ -1,0 +1,21 @@
+"""Typed keys of the application's state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from linger.config import Settings
+from linger.queue.broker import Broker
+from linger.queue.listener import Listener
+
+BROKER = web.AppKey("broker", Broker)
+SETTINGS = web.AppKey("settings", Settings)
+SERVER_ID = web.AppKey("server_id", str)
+STARTED = web.AppKey("started", float)
+LISTENER = web.AppKey("listener", Listener)
+ENGINE = web.AppKey("engine", AsyncEngine)
+
+
+def broker_of(request: web.Request) -> Broker:
+    return request.app[BROKER]

@@ -1,0 +1,59 @@
+"""Errors as JSON responses: domain errors mapped to status codes, and aiohttp's own."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import quote
+
+from aiohttp import web
+
+from linger import errors
+from linger.http import params
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_STATUS: dict[type[errors.LingerError], int] = {
+    errors.InvalidParameter: 400,
+    errors.NotFound: 404,
+    errors.NotHidden: 409,
+    errors.MessageTooLarge: 413,
+    errors.Unavailable: 503,
+    errors.DatabaseError: 500,
+    errors.ChannelFull: 507,
+    errors.StorageFull: 507,
+    errors.Overloaded: 503,
+}
+# Header values are ASCII: names and texts outside it are written percent-encoded.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
+
+
+def header_value(text: str) -> str:
+    return quote(text, safe=_HEADER_SAFE)
+
+
+def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": text}, status=status, reason=header_value(text), headers=headers
+    )
+
+
+def _status(error: errors.LingerError) -> int:
+    return next(code for cls, code in _STATUS.items() if isinstance(error, cls))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors and aiohttp's own HTTP errors become JSON error responses."""
+    if not params.path_allowed(request.rel_url.raw_path):
+        return error_response(404, "Not Found")
+    try:
+        return await handler(request)
+    except errors.LingerError as error:
+        retry = isinstance(error, errors.Unavailable | errors.Overloaded)
+        headers = {"Retry-After": "1"} if retry else None
+        return error_response(_status(error), str(error), headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
+        return error_response(error.status, error.reason, allow)

@@ -1,0 +1,51 @@
+"""The route table: the whole URL surface in one place."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from linger.http.admin import get_openapi, get_root, get_stats
+from linger.http.messages import (
+    delete_channel,
+    delete_message,
+    get_channel_stats,
+    get_message,
+    list_channels,
+    post_message,
+    touch_message,
+)
+from linger.http.topics import (
+    delete_subscription,
+    get_channel_topics,
+    get_topic_channels,
+    list_topics,
+    post_topic_message,
+    put_subscription,
+)
+
+_CHANNEL = "/channels/{channel:[^/]+}"
+_TOPIC = "{topic:[^/]+}"
+
+ROUTES = [
+    web.get("/", get_root, name="root", allow_head=False),
+    web.get("/channels", list_channels, name="channels", allow_head=False),
+    web.post(_CHANNEL, post_message, name="post_message"),
+    web.get(_CHANNEL, get_message, name="get_message", allow_head=False),
+    web.delete(_CHANNEL, delete_channel, name="delete_channel"),
+    web.get(_CHANNEL + "/stats", get_channel_stats, name="channel_stats", allow_head=False),
+    web.get(_CHANNEL + "/topics", get_channel_topics, name="channel_topics", allow_head=False),
+    web.put(_CHANNEL + "/topics/" + _TOPIC, put_subscription, name="put_subscription"),
+    web.delete(_CHANNEL + "/topics/" + _TOPIC, delete_subscription, name="delete_subscription"),
+    web.get("/topics", list_topics, name="topics", allow_head=False),
+    web.post("/topics/" + _TOPIC, post_topic_message, name="publish"),
+    web.get(
+        "/topics/" + _TOPIC + "/channels",
+        get_topic_channels,
+        name="topic_channels",
+        allow_head=False,
+    ),
+    web.delete("/messages/{id:[0-9]+}", delete_message, name="delete_message"),
+    web.post("/messages/{id:[0-9]+}/touch", touch_message, name="touch_message"),
+    web.get("/stats", get_stats, name="stats", allow_head=False),
+    web.get("/openapi.json", get_openapi, name="openapi", allow_head=False),
+]

@@ -1,0 +1,2 @@
+"""Persistence: the schema and engine, the driver that runs precompiled statements, and
+the storage operations."""
