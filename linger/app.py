@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import socket
 import sys
 import time
 import uuid
@@ -14,14 +16,14 @@ from aiohttp import web
 
 from linger import __version__, errors
 from linger.config import Settings
-from linger.http.keys import BROKER, ENGINE, LISTENER, SERVER_ID, SETTINGS, STARTED
+from linger.http import server
+from linger.http.keys import BROKER, DRAINING, ENGINE, LISTENER, SERVER_ID, SETTINGS, STARTED
 from linger.http.middleware import error_middleware
 from linger.http.routes import ROUTES
 from linger.queue.broker import Broker
 from linger.queue.listener import Listener
 from linger.queue.notifier import Notifier
 from linger.store import db
-from linger.store.driver import Driver
 from linger.store.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             async with engine.begin() as conn:
                 app[SERVER_ID] = await db.server_id(conn, uuid.uuid4().hex)
             origin = uuid.uuid4().hex
-            driver = Driver(engine)
+            storage = Storage(engine, clock, origin)
             broker = Broker(
-                Storage(driver, clock, origin),
+                storage,
                 Notifier(),
                 hlm=settings.hlm,
                 poll_interval=settings.poll_interval,
@@ -60,7 +62,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 asyncio.create_task(broker.run_poller()),
                 asyncio.create_task(broker.run_sweeper(settings.sweep_interval)),
             ]
-            if driver.postgres:
+            if storage.driver.postgres:
                 listener = Listener(
                     engine.url, origin, broker.notifier.notify, on_connect=broker.poll_soon
                 )
@@ -76,7 +78,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             yield
             for task in tasks:
                 await _stop(task)
-            await driver.close()
+            await storage.close()
         finally:
             await engine.dispose()
 
@@ -91,11 +93,13 @@ async def _wake_waiters(app: web.Application) -> None:
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
     """The Linger application; its database is opened when the app starts."""
-    app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 8190})
+    app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[STARTED] = time.time()
+    app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))
     app.on_shutdown.append(_wake_waiters)
+    app.on_response_prepare.append(server.on_response_prepare)
     app.router.add_routes(ROUTES)
     return app
 
@@ -114,21 +118,35 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 ACCESS_LOG_FORMAT = '%{X-Forwarded-For}i %a "%r" %s %b %Tf'
 
 
-def run(settings: Settings, *, reuse_port: bool = False) -> None:
-    """Serve until SIGINT or SIGTERM; exit 1 with one line when the database is unusable."""
-    access_log = logging.getLogger("aiohttp.access") if settings.access_log else None
+async def _serve(settings: Settings, sock: socket.socket, started: Callable[[], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await server.serve(
+        create_app(settings),
+        sock,
+        stop,
+        started,
+        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=5.0,
+    )
+
+
+def run(
+    settings: Settings,
+    sock: socket.socket | None = None,
+    started: Callable[[], None] = lambda: None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, on ``sock`` (shared by worker processes) or a socket
+    of its own; ``started`` is called once requests are accepted. Exit 1 with one line when
+    the database is unusable or the address is taken."""
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            access_log=access_log,
-            access_log_format=ACCESS_LOG_FORMAT,
-            shutdown_timeout=5,
-            print=None,
-            reuse_port=reuse_port,
-            loop=_new_loop(),
-        )
+        if sock is None:
+            sock = server.listening_socket(settings.host, settings.port)
+        with asyncio.Runner(loop_factory=_new_loop) as runner:
+            runner.run(_serve(settings, sock, started))
     except (errors.SchemaOutdated, errors.Unavailable) as error:
         sys.exit(f"linger: {error}")
     except OSError as error:

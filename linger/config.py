@@ -26,6 +26,10 @@ class Settings:
     access_log: bool = False
     log_level: str = "INFO"
     workers: int = 1
+    # 0: what the open-files limit allows.
+    max_connections: int = 0
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
     @property
     def in_memory(self) -> bool:

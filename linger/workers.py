@@ -1,11 +1,13 @@
-"""``--workers N``: N server processes on one port (SO_REUSEPORT), under a supervisor.
+"""``--workers N``: N server processes on one listening socket, under a supervisor.
 
-The supervisor prepares the database once (migrations or the schema check), then forks
-the workers. SIGTERM or SIGINT stops every worker gracefully (each answers its waiting
-consumers 204 and finishes its requests) and exits 0; SIGHUP replaces the workers one by
-one, starting the new one before stopping the old, so the port never goes unserved. A
-worker that dies is restarted; if the supervisor itself is killed, its workers stop
-gracefully too (Linux).
+The supervisor prepares the database once (migrations or the schema check), opens the
+listening socket, then forks the workers, which all accept from it: one accept queue, so
+a connection waiting in it is served by whichever worker is there, also while one stops.
+SIGTERM or SIGINT stops every worker gracefully (each answers its waiting consumers 204,
+finishes its requests and closes each connection after its response) and exits 0; SIGHUP
+replaces the workers one by one, starting the new one and waiting until it accepts before
+stopping the old, so that a deploy refuses and drops nothing. A worker that dies is
+restarted; if the supervisor itself is killed, its workers stop gracefully too (Linux).
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
 from types import FrameType
 
 from linger import errors
 from linger.app import run
 from linger.config import Settings
+from linger.http.server import listening_socket
 from linger.store import db
 
 logger = logging.getLogger(__name__)
 
 _STOP_TIMEOUT = 10.0
 _RESTART_DELAY = 1.0
+# How long a new worker may take to start accepting before the old one stops anyway.
+_START_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -42,10 +49,10 @@ def _stop_with(supervisor: int) -> None:
         sys.exit(0)
 
 
-def _worker(settings: Settings, supervisor: int) -> None:
+def _worker(settings: Settings, supervisor: int, sock: socket.socket, ready: Event) -> None:
     _stop_with(supervisor)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    run(settings, reuse_port=True)
+    run(settings, sock, ready.set)
 
 
 async def _prepare(settings: Settings) -> None:
@@ -61,20 +68,22 @@ async def _prepare(settings: Settings) -> None:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sock: socket.socket) -> None:
         self.settings = settings
+        self.sock = sock
         self.context = multiprocessing.get_context("fork")
         self.workers: list[BaseProcess] = []
         self.stopping = False
         self.reload = False
 
-    def spawn(self) -> BaseProcess:
+    def spawn(self) -> tuple[BaseProcess, Event]:
+        ready = self.context.Event()
         worker = self.context.Process(
-            target=_worker, args=(self.settings, os.getpid()), daemon=False
+            target=_worker, args=(self.settings, os.getpid(), self.sock, ready), daemon=False
         )
         worker.start()
         logger.info("worker %s started", worker.pid)
-        return worker
+        return worker, ready
 
     def stop(self, worker: BaseProcess) -> None:
         if worker.is_alive() and worker.pid is not None:
@@ -95,15 +104,17 @@ class Supervisor:
 
     def _replace_all(self) -> None:
         for index, old in enumerate(list(self.workers)):
-            self.workers[index] = self.spawn()
-            time.sleep(0.5)  # let the new worker bind before the old one stops
+            new, ready = self.spawn()
+            if not ready.wait(_START_TIMEOUT):
+                logger.warning("worker %s not accepting after %.0f s", new.pid, _START_TIMEOUT)
+            self.workers[index] = new
             self.stop(old)
         logger.info("all workers replaced")
 
     def run(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        self.workers = [self.spawn() for _ in range(self.settings.workers)]
+        self.workers = [self.spawn()[0] for _ in range(self.settings.workers)]
         while not self.stopping:
             time.sleep(0.1)
             if self.reload:
@@ -115,7 +126,7 @@ class Supervisor:
                         "worker %s exited with %s; restarting it", worker.pid, worker.exitcode
                     )
                     time.sleep(_RESTART_DELAY)
-                    self.workers[index] = self.spawn()
+                    self.workers[index] = self.spawn()[0]
         for worker in self.workers:
             if worker.is_alive():
                 worker.terminate()
@@ -130,4 +141,8 @@ def supervise(settings: Settings) -> None:
         asyncio.run(_prepare(settings))
     except (errors.SchemaOutdated, errors.Unavailable) as error:
         sys.exit(f"linger: {error}")
-    Supervisor(settings).run()
+    try:
+        sock = listening_socket(settings.host, settings.port)
+    except OSError as error:
+        sys.exit(f"linger: cannot start: {error}")
+    Supervisor(settings, sock).run()

@@ -21,10 +21,12 @@ from typing import Any, TypeVar
 import asyncpg
 import pytest
 import sqlalchemy as sa
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 
 from linger.app import create_app
 from linger.config import Settings
+from linger.http.server import Runner
 from linger.queue.listener import asyncpg_dsn
 from linger.store import db
 
@@ -161,13 +163,24 @@ def settings(database_url: str) -> Settings:
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
+class LingerTestServer(TestServer):
+    """aiohttp's test server, serving with Linger's runner (its protocol and limits)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return Runner(self.app, **kwargs)
+
+
+def test_server(app: web.Application) -> BaseTestServer:
+    return LingerTestServer(app)
+
+
 @pytest.fixture
 def make_client(aiohttp_client: Any, settings: Settings, clock: Clock) -> ClientFactory:
     """A test client of the real app; keyword arguments override settings."""
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
         client: TestClient[Any, Any] = await aiohttp_client(
-            create_app(replace(settings, **overrides), clock)
+            test_server(create_app(replace(settings, **overrides), clock))
         )
         return client
 

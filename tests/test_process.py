@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from linger.queue.listener import asyncpg_dsn
+from linger.store import db
 
 from .conftest import _admin, run_sync
 from .processes import Server, free_port, start_server
@@ -129,6 +130,7 @@ def test_postgres_schema_behind_is_refused_until_migrated(empty_postgres: str) -
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("linger: the database schema")
     assert "alembic upgrade head" in result.stderr
+    assert f"revision {db.head()}" in result.stderr
 
 
 @pytest.mark.postgres
@@ -136,7 +138,7 @@ async def test_postgres_migrate_option_upgrades(empty_postgres: str, servers: li
     await start_server(servers, "--db", empty_postgres, "--migrate")
     conn = await asyncpg.connect(asyncpg_dsn(empty_postgres))
     try:
-        assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0001"
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == db.head()
     finally:
         await conn.close()
 
@@ -162,4 +164,4 @@ def test_alembic_command_line_upgrades_a_database(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert "0001 (head)" in result.stdout
+    assert f"{db.head()} (head)" in result.stdout

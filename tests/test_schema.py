@@ -13,7 +13,6 @@ from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from linger.store import db
-from linger.store.driver import Driver
 from linger.store.storage import Storage
 
 from .conftest import _admin
@@ -82,8 +81,7 @@ async def test_claim_plan_follows_the_index_without_sorting(postgres_url: str) -
                 " NULL, 0 FROM generate_series(1, 60000) AS i"
             )
             await conn.exec_driver_sql("ANALYZE messages")
-        storage = Storage(Driver(engine), time.time)
-        claim = storage._claim
+        claim = Storage(engine, time.time).messages._claim
         args = claim.args({"channel": "c7", "now": int(time.time() * 1000)})
         async with engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection

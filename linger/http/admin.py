@@ -51,8 +51,8 @@ _COUNTERS = (
 async def get_stats(request: web.Request) -> web.Response:
     broker, settings, app = broker_of(request), request.app[SETTINGS], request.app
     storage = broker.storage
-    totals = await storage.totals()
-    subscriptions, topics = await storage.subscription_totals()
+    totals = await storage.overview.totals()
+    subscriptions, topics = await storage.topics.totals()
     stats: dict[str, object] = {
         "id": app[SERVER_ID],
         "version": __version__,
@@ -60,7 +60,7 @@ async def get_stats(request: web.Request) -> web.Response:
         "pid": os.getpid(),
         "start": int(app[STARTED]),
         "current-uptime": int(time.time() - app[STARTED]),
-        "current-channels": len(await storage.list_channels()),
+        "current-channels": await storage.overview.channel_count(),
         "current-topics": topics,
         "current-subscriptions": subscriptions,
         "current-messages": totals.messages,
@@ -69,7 +69,7 @@ async def get_stats(request: web.Request) -> web.Response:
         "current-messages-urgent": totals.urgent,
         "current-messages-niced": totals.niced,
         "current-waiters": broker.notifier.count(),
-        "msg-max-id": await storage.max_id(),
+        "msg-max-id": await storage.overview.max_id(),
         "msg-max-size": settings.max_size,
         "db-file": settings.db_display,
         "hlm": settings.hlm,

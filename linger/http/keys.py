@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -15,6 +17,8 @@ SERVER_ID = web.AppKey("server_id", str)
 STARTED = web.AppKey("started", float)
 LISTENER = web.AppKey("listener", Listener)
 ENGINE = web.AppKey("engine", AsyncEngine)
+# Set when the process stops: every response from then on closes its connection.
+DRAINING = web.AppKey("draining", asyncio.Event)
 
 
 def broker_of(request: web.Request) -> Broker:

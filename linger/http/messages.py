@@ -9,7 +9,7 @@ from aiohttp import web
 from linger.http import params
 from linger.http.keys import SETTINGS, broker_of
 from linger.http.middleware import header_value
-from linger.store.storage import Message
+from linger.store.records import Message
 
 
 def _alive(request: web.Request) -> Callable[[], bool]:
@@ -37,7 +37,9 @@ def _message_response(message: Message, now_ms: int) -> web.Response:
 
 
 async def list_channels(request: web.Request) -> web.Response:
-    return web.json_response({"channels": await broker_of(request).storage.list_channels()})
+    return web.json_response(
+        {"channels": await broker_of(request).storage.overview.list_channels()}
+    )
 
 
 async def post_message(request: web.Request) -> web.Response:
@@ -61,25 +63,25 @@ async def get_message(request: web.Request) -> web.Response:
 
 async def delete_channel(request: web.Request) -> web.Response:
     broker = broker_of(request)
-    await broker.storage.drain_channel(params.channel(request))
+    await broker.storage.messages.drain(params.channel(request))
     broker.counters["channel-drain"] += 1
     return web.Response(status=204)
 
 
 async def get_channel_stats(request: web.Request) -> web.Response:
-    ready, hidden = await broker_of(request).storage.channel_stats(params.channel(request))
+    ready, hidden = await broker_of(request).storage.messages.channel_stats(params.channel(request))
     return web.json_response({"ready": ready, "hidden": hidden})
 
 
 async def delete_message(request: web.Request) -> web.Response:
     broker = broker_of(request)
-    await broker.storage.delete_message(params.message_id(request))
+    await broker.storage.messages.delete(params.message_id(request))
     broker.counters["msg-delete"] += 1
     return web.Response(status=204)
 
 
 async def touch_message(request: web.Request) -> web.Response:
     broker = broker_of(request)
-    await broker.storage.touch_message(params.message_id(request))
+    await broker.storage.messages.touch(params.message_id(request))
     broker.counters["msg-touch"] += 1
     return web.Response(status=204)

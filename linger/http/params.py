@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from linger import errors
 from linger.store.db import NAME_LENGTH
-from linger.store.storage import Options
+from linger.store.records import Options
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(r"[+-]?[0-9]+")

@@ -9,7 +9,7 @@ from linger.http.keys import SETTINGS, broker_of
 
 
 async def get_channel_topics(request: web.Request) -> web.Response:
-    topics = await broker_of(request).storage.channel_topics(params.channel(request))
+    topics = await broker_of(request).storage.topics.channel_topics(params.channel(request))
     return web.json_response({"topics": topics})
 
 
@@ -17,20 +17,20 @@ async def put_subscription(request: web.Request) -> web.Response:
     channel, topic = params.channel(request), params.topic(request, 4)
     options = params.options(await params.option_values(request))
     broker = broker_of(request)
-    await broker.storage.subscribe(channel, topic, options)
+    await broker.storage.topics.subscribe(channel, topic, options)
     broker.counters["subscription-add"] += 1
     return web.Response(status=204)
 
 
 async def delete_subscription(request: web.Request) -> web.Response:
     broker = broker_of(request)
-    if await broker.storage.unsubscribe(params.channel(request), params.topic(request, 4)):
+    if await broker.storage.topics.unsubscribe(params.channel(request), params.topic(request, 4)):
         broker.counters["subscription-delete"] += 1
     return web.Response(status=204)
 
 
 async def list_topics(request: web.Request) -> web.Response:
-    return web.json_response({"topics": await broker_of(request).storage.list_topics()})
+    return web.json_response({"topics": await broker_of(request).storage.topics.list_topics()})
 
 
 async def post_topic_message(request: web.Request) -> web.Response:
@@ -42,5 +42,5 @@ async def post_topic_message(request: web.Request) -> web.Response:
 
 
 async def get_topic_channels(request: web.Request) -> web.Response:
-    channels = await broker_of(request).storage.topic_channels(params.topic(request, 2))
+    channels = await broker_of(request).storage.topics.topic_channels(params.topic(request, 2))
     return web.json_response({"channels": channels})

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from contextlib import suppress
 
 from linger import errors
-from linger.queue.notifier import Notifier
-from linger.store.storage import Message, Options, Storage
+from linger.queue.notifier import Notifier, Waiter
+from linger.store.records import Message, Options
+from linger.store.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,8 @@ logger = logging.getLogger(__name__)
 _POLL_BATCH = 500
 # Poll this long after a hidden message's visible_at, so that it is visible by then.
 _VISIBLE_SLACK = 0.002
+# A consumer waiting longer than this renews its channel's listing mark (listed 180 s).
+_RELIST = 60.0
 
 
 class Broker:
@@ -42,64 +45,86 @@ class Broker:
 
     async def add(self, channel: str, body: bytes, content_type: str, options: Options) -> int:
         """Store a message and wake one consumer waiting on its channel."""
-        message_id = await self.storage.add_message(channel, body, content_type, options, self.hlm)
+        message_id = await self.storage.messages.add(channel, body, content_type, options, self.hlm)
         self.counters["msg-add"] += 1
         self.notifier.notify(channel)
         return message_id
 
     async def publish(self, topic: str, body: bytes, content_type: str) -> dict[str, int]:
         """Copy a message to every subscribed channel and wake their consumers."""
-        ids, skipped = await self.storage.publish(topic, body, content_type, self.hlm)
+        published = await self.storage.topics.publish(topic, body, content_type, self.hlm)
         self.counters["publish"] += 1
-        if skipped:
-            self.counters["publish-skipped"] += len(skipped)
+        if published.skipped:
+            self.counters["publish-skipped"] += len(published.skipped)
             logger.warning(
                 "publish to %r skipped channels at the high-level mark: %s",
                 topic,
-                ", ".join(skipped),
+                ", ".join(sorted(published.skipped)),
             )
-        for channel in ids:
+        for channel in published.ids:
             self.notifier.notify(channel)
-        return ids
+        return published.ids
 
     async def get(self, channel: str, *, wait: float, alive: Callable[[], bool]) -> Message | None:
         """Deliver the next message of ``channel``, waiting up to ``wait`` seconds for one.
 
         Waiting holds no database connection: the waiter sleeps until an add in this
         process, the poller or shutdown wakes it, then claims again (another consumer may
-        have been faster). A waiter whose client has gone claims nothing. While the
-        database is unreachable, a waiting consumer keeps waiting and tries again at each
-        poll; beyond ``max_waiters`` waiting consumers, ``Overloaded`` is raised.
+        have been faster). A consumer whose client has gone claims nothing, not even
+        before it waits. While the database is unreachable, a waiting consumer (a new one
+        too) keeps waiting and tries again at each poll; beyond ``max_waiters`` waiting
+        consumers, ``Overloaded`` is raised.
         """
         self.counters["msg-get"] += 1
+        if not alive():
+            return None
         if wait <= 0:
-            return self._delivered(await self.storage.claim_message(channel))
+            return self._delivered(await self.storage.messages.claim(channel))
         if self.notifier.count() >= self.max_waiters:
-            message = await self.storage.claim_message(channel)
+            message = await self.storage.messages.claim(channel)
             if message is None:
                 raise errors.Overloaded()
             return self._delivered(message)
+        async with self.notifier.waiter(channel, alive) as waiter:
+            message = await self._claim_while_waiting(channel)
+            if message is None:
+                message = await self._wait(channel, waiter, wait, alive)
+        return self._delivered(message)
+
+    async def _wait(
+        self, channel: str, waiter: Waiter, wait: float, alive: Callable[[], bool]
+    ) -> Message | None:
+        """Wait for a wake-up, then claim, until a claim succeeds or the wait ends; the
+        channel stays listed meanwhile, and for 180 s after a wait that ends empty."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        async with self.notifier.waiter(channel, alive) as waiter:
-            message = await self.storage.claim_message(channel, poll=wait)
-            while message is None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return None
-                try:
-                    await asyncio.wait_for(waiter.event.wait(), remaining)
-                except TimeoutError:
-                    return None
-                if self.notifier.closed or not alive():
-                    return None
-                waiter.event.clear()
-                message = await self._claim_while_waiting(channel)
-        return self._delivered(message)
+        relist = loop.time() + _RELIST
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(waiter.event.wait(), min(remaining, relist - loop.time()))
+            except TimeoutError:
+                if loop.time() >= relist and deadline - loop.time() > 0:
+                    relist = loop.time() + _RELIST
+                    await self._listed(channel)
+                continue
+            if self.notifier.closed or not alive():
+                break
+            waiter.event.clear()
+            message = await self._claim_while_waiting(channel)
+            if message is not None:
+                return message
+        await self._listed(channel)
+        return None
+
+    async def _listed(self, channel: str) -> None:
+        try:
+            await self.storage.messages.polled(channel)
+        except errors.LingerError as error:  # only the channel list is late
+            logger.debug("long-poll on %r: listing mark not written: %s", channel, error)
 
     async def _claim_while_waiting(self, channel: str) -> Message | None:
         try:
-            return await self.storage.claim_message(channel)
+            return await self.storage.messages.claim(channel, listed=True)
         except errors.Unavailable as error:
             logger.warning("long-poll on %r: %s; waiting on", channel, error)
             return None
@@ -121,7 +146,7 @@ class Broker:
         names = list(waiting)
         soonest: int | None = None
         for start in range(0, len(names), _POLL_BATCH):
-            state = await self.storage.readiness(names[start : start + _POLL_BATCH])
+            state = await self.storage.messages.readiness(names[start : start + _POLL_BATCH])
             for channel, (ready, next_visible) in state.items():
                 if ready:
                     self.notifier.notify(channel, min(ready, waiting[channel]))
@@ -155,7 +180,7 @@ class Broker:
                 delay = max(0.0, min(delay, until))
 
     async def sweep(self) -> None:
-        retention, discarded = await self.storage.sweep()
+        retention, discarded = await self.storage.messages.sweep()
         self.counters["msg-retention"] += retention
         self.counters["msg-discarded"] += discarded
 

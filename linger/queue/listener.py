@@ -1,6 +1,6 @@
 """Cross-process wake-ups on PostgreSQL: one LISTEN connection per process.
 
-Every add and publish NOTIFYs ``<origin>:<channel>`` at commit (see ``storage``). The
+Every add and publish NOTIFYs ``<origin>:<channel>`` at commit (see ``store.sql.announced``). The
 listener wakes a local waiter of that channel for each notification from another process.
 A notification is only a hint: the woken waiter claims again, and the broker's poller
 covers lost notifications and the time the listener is reconnecting.
@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import sqlalchemy as sa
 
-from linger.store.storage import NOTIFY_CHANNEL
+from linger.store.sql import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ class Notifier:
 
     def __init__(self) -> None:
         self._waiters: dict[str, dict[Waiter, None]] = {}
+        self._count = 0
         self.closed = False
 
     def notify(self, channel: str, count: int = 1) -> None:
@@ -45,7 +46,8 @@ class Notifier:
                     waiter.event.set()
 
     def count(self) -> int:
-        return sum(len(waiters) for waiters in self._waiters.values())
+        """Waiters registered now, kept as they come and go (no walk over channels)."""
+        return self._count
 
     @asynccontextmanager
     async def waiter(self, channel: str, alive: Callable[[], bool]) -> AsyncIterator[Waiter]:
@@ -55,9 +57,11 @@ class Notifier:
         if self.closed:
             waiter.event.set()
         self._waiters.setdefault(channel, {})[waiter] = None
+        self._count += 1
         try:
             yield waiter
         finally:
+            self._count -= 1
             waiters = self._waiters[channel]
             del waiters[waiter]
             if not waiters:

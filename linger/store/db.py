@@ -57,13 +57,18 @@ messages = sa.Table(
     # of the last allowed delivery's timeout. NULL: never. The sweeper deletes dead rows.
     sa.Column("dead_at", sa.BigInteger, nullable=True),
     sa.Column("deliveries", sa.BigInteger, nullable=False),
+    # A body published to many channels is stored once, in ``bodies``; such a copy's own
+    # body is empty.
+    sa.Column("body_id", sa.BigInteger, nullable=True),
     # The claim orders by (priority, id) within a channel: this index yields rows in that
     # order, so a claim reads the hidden messages at the head of the channel and one more
     # row, whatever the depth of this and other channels. visible_at is left out on
     # purpose: a claim or touch then changes no indexed column, and PostgreSQL updates the
     # row in place (HOT) instead of adding index entries on every delivery.
     sa.Index(None, "channel", "priority", "id"),
-    sa.Index(None, "dead_at"),
+    # The sweeper's range, and the dead rows of one channel that the high-level mark must
+    # not count, both read from the index alone.
+    sa.Index(None, "dead_at", "channel"),
     sqlite_autoincrement=True,
     # Room on each page for those in-place updates, and vacuum that keeps up with a
     # table whose rows live for seconds (the default waits for 20% of it to be dead).
@@ -83,6 +88,19 @@ channels = sa.Table(
     sa.Column("name", sa.String(NAME_LENGTH), primary_key=True),
     # Last time a consumer long-polled the channel; it is listed for 180 s after that.
     sa.Column("polled_at", sa.BigInteger, nullable=False),
+    # Rows of the channel in ``messages`` (dead ones not yet swept included), kept in the
+    # same transaction as every change to them: the high-level mark reads it, not a count.
+    sa.Column("messages", sa.BigInteger, nullable=False, server_default="0"),
+)
+
+bodies = sa.Table(
+    "bodies",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    # Messages that refer to this body; the last one to go deletes it.
+    sa.Column("refs", sa.BigInteger, nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 subscriptions = sa.Table(
@@ -108,6 +126,8 @@ server = sa.Table(
 # PostgreSQL connections per process: kept open, and opened beyond them under load.
 POSTGRES_POOL_SIZE = 10
 POSTGRES_POOL_OVERFLOW = 10
+# A request that finds every pooled connection busy this long gets 503.
+POOL_TIMEOUT = 3.0
 
 
 def create_engine(
@@ -122,7 +142,7 @@ def create_engine(
             url,
             pool_size=POSTGRES_POOL_SIZE,
             max_overflow=POSTGRES_POOL_OVERFLOW,
-            pool_timeout=10,
+            pool_timeout=POOL_TIMEOUT,
             connect_args={"timeout": 5, "command_timeout": 30},
         )
     # A rollback on every check-in would cost a thread hop; the reset hook below rolls
@@ -137,10 +157,10 @@ def create_engine(
             pool_size=1,
             max_overflow=0,
             pool_recycle=-1,
-            pool_timeout=60,
+            pool_timeout=POOL_TIMEOUT,
         )
     else:
-        options.update(pool_size=8, max_overflow=0, pool_timeout=60)
+        options.update(pool_size=8, max_overflow=0, pool_timeout=POOL_TIMEOUT)
     engine = create_async_engine(url, **options)
     memory = is_memory_sqlite(url)
 
@@ -186,6 +206,11 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     return cfg
 
 
+def head() -> str:
+    """The newest migration revision."""
+    return str(ScriptDirectory.from_config(alembic_config()).get_current_head())
+
+
 def _upgrade(connection: sa.Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
 
@@ -207,8 +232,8 @@ async def check_schema(engine: AsyncEngine) -> None:
     async with engine.connect() as conn:
         if not await conn.run_sync(_is_current):
             raise errors.SchemaOutdated(
-                "the database schema is behind this Linger: run `alembic upgrade head` "
-                "(or start once with --migrate)"
+                f"the database schema is behind this Linger (it needs revision {head()}): "
+                "run `alembic upgrade head` (or start once with --migrate)"
             )
 
 

@@ -11,14 +11,18 @@ rows, so that the same operation runs inside the SQLite worker thread and on asy
 Writes are group-committed: operations submitted while a transaction is running wait,
 and then run together in the next transaction, with one commit (one fsync) for all of
 them, on SQLite in a single hop to its thread. Each caller is answered only after that
-commit. When a transaction fails, its operations are retried one by one, so that one
-failing operation cannot fail the others.
+commit. Every operation of a group notes what it changed in the group's ``Ledger``, which
+settles it at the end of the group, in the same transaction (counters kept beside the
+rows, in one global lock order). An unexpected failure of one operation fails that
+operation alone: on SQLite it runs in a savepoint of its own; on PostgreSQL the group is
+run again without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sqlite3
 from collections.abc import (
     AsyncIterator,
@@ -32,7 +36,7 @@ from collections.abc import (
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import asyncpg
 from sqlalchemy import exc
@@ -63,8 +67,36 @@ class Prepared:
 
 Query = tuple[Prepared, Mapping[str, Any]]
 Operation = Generator[Query, list[Row], T]
-# Operations run at most twice (a failed group is retried one by one): pass factories.
-OperationFactory = Callable[[], Operation[Any]]
+
+
+class Outcome:
+    """What one operation of a group came to: a value, or a domain error."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: errors.LingerError | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+class Ledger(Protocol):
+    """What the operations of one group leave to settle at its end, in its transaction."""
+
+    def begin(self, index: int) -> None:
+        """What is noted from now on belongs to operation ``index``."""
+
+    def drop(self, index: int) -> None:
+        """Operation ``index`` failed and was rolled back: forget what it noted."""
+
+    def settle(self, outcomes: list[Outcome]) -> Operation[None] | None:
+        """The statements that settle the group (None: nothing to do); they may replace
+        the outcomes of operations that must not stand (a mark they passed)."""
+
+
+L = TypeVar("L", bound=Ledger)
+# Operations may run more than once (retries): the driver calls these factories.
+WriteFactory = Callable[[L], Operation[Any]]
+ReadFactory = Callable[[], Operation[T]]
 
 # Errors that mean the database cannot be reached now, not that the request is wrong.
 _UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -74,11 +106,19 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
 )
+# The connection was lost in the middle of something (asyncpg's command timeout included).
+_LOST: tuple[type[BaseException], ...] = (*_UNREACHABLE, TimeoutError)
 _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     exc.OperationalError,
     exc.InterfaceError,
     *_UNREACHABLE,
 )
+# SQLSTATE 40P01 and 40001: the transaction lost a race, running it again is correct.
+_RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+_RETRY_ATTEMPTS = 4
 # Most operations committed in one group.
 _GROUP_LIMIT = 128
 # Dead pooled connections skipped before giving up: more than the pool can hold.
@@ -99,18 +139,25 @@ def _is_full(error: BaseException) -> bool:
     )
 
 
+def _is_group_error(error: BaseException) -> bool:
+    """Errors of the connection or transaction, not of the operation that met them."""
+    return isinstance(error, _LOST + _RETRYABLE) or _is_busy(error) or _is_full(error)
+
+
 def single(stmt: Prepared, params: Mapping[str, Any]) -> Operation[list[Row]]:
     """An operation of one statement, returning its rows."""
     return (yield stmt, params)
 
 
 @dataclass(slots=True)
-class _Pending:
+class _Pending(Generic[L]):
     """An operation waiting for its group."""
 
-    factory: OperationFactory
+    factory: WriteFactory[L]
     future: asyncio.Future[Any]
     atomic: bool
+    key: tuple[Any, ...]
+    alone: bool
 
 
 class _StaleConnection(Exception):
@@ -118,33 +165,70 @@ class _StaleConnection(Exception):
     failed at BEGIN): safe to try the next one."""
 
 
-class _Outcome:
-    """What one operation of a group came to: a value, or a domain error."""
+class _OperationFailed(Exception):
+    """Operation ``index`` of a group failed unexpectedly; the group was rolled back."""
 
-    __slots__ = ("error", "value")
-
-    def __init__(self, value: Any = None, error: errors.LingerError | None = None) -> None:
-        self.value = value
-        self.error = error
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
 
 
-def _drive_sync(conn: sqlite3.Connection, operation: Operation[Any]) -> _Outcome:
+def _drive_sync(conn: sqlite3.Connection, operation: Operation[Any]) -> Outcome:
     try:
         stmt, params = next(operation)
         while True:
             rows = conn.execute(stmt.sql, stmt.args(params)).fetchall()
             stmt, params = operation.send(rows)
     except StopIteration as stop:
-        return _Outcome(stop.value)
+        return Outcome(stop.value)
     except errors.LingerError as error:
-        return _Outcome(error=error)
+        return Outcome(error=error)
 
 
-def _sqlite_group(conn: sqlite3.Connection, factories: list[OperationFactory]) -> list[_Outcome]:
+def _isolated_sync(
+    conn: sqlite3.Connection, index: int, factory: WriteFactory[L], ledger: L
+) -> Outcome:
+    """Run one operation of a group in a savepoint: an unexpected error rolls back that
+    operation alone."""
+    conn.execute("SAVEPOINT operation")
+    try:
+        outcome = _drive_sync(conn, factory(ledger))
+    except Exception as error:
+        if _is_group_error(error):
+            raise
+        conn.execute("ROLLBACK TO operation")
+        ledger.drop(index)
+        logger.error("database operation failed", exc_info=error)
+        outcome = Outcome(error=errors.DatabaseError())
+    conn.execute("RELEASE operation")
+    return outcome
+
+
+def _settle_sync(conn: sqlite3.Connection, ledger: Ledger, outcomes: list[Outcome]) -> None:
+    settle = ledger.settle(outcomes)
+    if settle is not None:
+        _drive_sync(conn, settle)
+
+
+def _sqlite_group(
+    conn: sqlite3.Connection, factories: list[WriteFactory[L]], ledger: L
+) -> list[Outcome]:
     """Runs in the SQLite connection's thread: the whole group in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        outcomes = [_drive_sync(conn, factory()) for factory in factories]
+        outcomes: list[Outcome] = []
+        for index, factory in enumerate(factories):
+            ledger.begin(index)
+            if len(factories) == 1:  # nothing to protect: a failure fails the group
+                try:
+                    outcomes.append(_drive_sync(conn, factory(ledger)))
+                except Exception as error:
+                    if _is_group_error(error):
+                        raise
+                    raise _OperationFailed(index) from error
+            else:
+                outcomes.append(_isolated_sync(conn, index, factory, ledger))
+        _settle_sync(conn, ledger, outcomes)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -154,11 +238,19 @@ def _sqlite_group(conn: sqlite3.Connection, factories: list[OperationFactory]) -
 
 
 def _sqlite_autocommit(
-    conn: sqlite3.Connection, factories: list[OperationFactory]
-) -> list[_Outcome]:
+    conn: sqlite3.Connection, factories: list[WriteFactory[L]], ledger: L
+) -> list[Outcome]:
     """Runs in the SQLite connection's thread: one operation, each statement committing
     on its own."""
-    return [_drive_sync(conn, factory()) for factory in factories]
+    ledger.begin(0)
+    try:
+        outcomes = [_drive_sync(conn, factories[0](ledger))]
+    except Exception as error:
+        if _is_group_error(error):
+            raise
+        raise _OperationFailed(0) from error
+    _settle_sync(conn, ledger, outcomes)
+    return outcomes
 
 
 Fetch = Callable[[str, list[Any]], Awaitable[Iterable[Row]]]
@@ -171,26 +263,51 @@ def _fetcher(raw: Any, postgres: bool) -> Fetch:
     return fetch
 
 
-async def _drive_async(fetch: Fetch, operation: Operation[Any]) -> _Outcome:
+async def _drive_async(fetch: Fetch, operation: Operation[Any]) -> Outcome:
     try:
         stmt, params = next(operation)
         while True:
             rows = list(await fetch(stmt.sql, stmt.args(params)))
             stmt, params = operation.send(rows)
     except StopIteration as stop:
-        return _Outcome(stop.value)
+        return Outcome(stop.value)
     except errors.LingerError as error:
-        return _Outcome(error=error)
+        return Outcome(error=error)
 
 
-class Driver:
-    """Compiles statements for ``engine``'s dialect and runs operations on it."""
+async def _postgres_operations(
+    fetch: Fetch, factories: list[WriteFactory[L]], ledger: L
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for index, factory in enumerate(factories):
+        ledger.begin(index)
+        try:
+            outcomes.append(await _drive_async(fetch, factory(ledger)))
+        except Exception as error:
+            if _is_group_error(error):
+                raise
+            raise _OperationFailed(index) from error
+    settle = ledger.settle(outcomes)
+    if settle is not None:
+        await _drive_async(fetch, settle)
+    return outcomes
+
+
+class Driver(Generic[L]):
+    """Compiles statements for ``engine``'s dialect and runs operations on it; each write
+    group settles a fresh ``ledger()``, which the storage layer sets."""
+
+    ledger: Callable[[], L]
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
-        self._pending: list[_Pending] = []
-        self._committers: set[asyncio.Task[None]] = set()
+        self._pending: list[_Pending[L]] = []
+        # Committers running, and their tasks (for close()). The count is given back in
+        # the same step in which a committer finds nothing pending, so that a write
+        # submitted right after is never left without one.
+        self._committers = 0
+        self._tasks: set[asyncio.Task[None]] = set()
         # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
         # with another's commit.
         self._max_committers = _POSTGRES_COMMITTERS if self.postgres else 1
@@ -209,6 +326,8 @@ class Driver:
         ``errors.Unavailable`` and the broken connection is dropped from the pool."""
         try:
             conn: AsyncConnection = await self._engine.connect()
+        except exc.TimeoutError as error:  # every pooled connection is in use
+            raise errors.Unavailable("The database is busy, try again later.") from error
         except _CONNECT_ERRORS as error:
             raise errors.Unavailable() from error
         raw: Any = None
@@ -220,7 +339,7 @@ class Driver:
         except _StaleConnection:
             await conn.invalidate()
             raise
-        except _UNREACHABLE as error:
+        except _LOST as error:
             await conn.invalidate()
             raise errors.Unavailable() from error
         except (sqlite3.OperationalError, asyncpg.DiskFullError) as error:
@@ -239,103 +358,133 @@ class Driver:
         finally:
             await conn.close()
 
-    async def read(self, factory: Callable[[], Operation[T]]) -> T:
+    async def read(self, factory: ReadFactory[T]) -> T:
         """Run a read-only operation on a pooled connection, outside any group."""
 
-        async def attempt() -> _Outcome:
+        async def attempt() -> Outcome:
             async with self._connect() as raw:
                 return await _drive_async(_fetcher(raw, self.postgres), factory())
 
         result: T = _result(await _skipping_stale(attempt))
         return result
 
-    async def write(self, factory: Callable[[], Operation[T]], *, atomic: bool = True) -> T:
+    async def write(
+        self,
+        factory: Callable[[L], Operation[T]],
+        *,
+        atomic: bool = True,
+        key: tuple[Any, ...] = (),
+        alone: bool = False,
+    ) -> T:
         """Run an operation in the next group-committed transaction; return its result
         once that transaction has committed.
 
         ``atomic=False`` says that each statement of the operation may commit on its own
-        (it writes with one statement at most, or its statements are independent): when
-        such an operation is alone in its group, it runs without BEGIN and COMMIT, which
-        saves two round trips on PostgreSQL.
+        (it writes with one statement at most, or its statements are independent, and
+        what it notes in the ledger needs no atomicity): when such an operation is alone
+        in its group, it runs without BEGIN and COMMIT, which saves two round trips on
+        PostgreSQL. ``key`` names the one row an operation may wait to lock: a group runs
+        its keyed operations in key order, so that two groups take such locks in the same
+        order. ``alone`` runs the operation in a group of its own (one that holds many
+        rows, which should hold nothing else).
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(factory, future, atomic))
-        if len(self._committers) < self._max_committers:
-            committer = asyncio.create_task(self._commit_pending())
-            self._committers.add(committer)
-            committer.add_done_callback(self._committers.discard)
+        self._pending.append(_Pending(factory, future, atomic, key, alone))
+        if self._committers < self._max_committers:
+            self._committers += 1
+            task = asyncio.create_task(self._commit_pending())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _commit_pending(self) -> None:
-        while self._pending:
-            group = self._pending[:_GROUP_LIMIT]
-            del self._pending[:_GROUP_LIMIT]
+        try:
+            while self._pending:
+                await self._commit(self._next_group())
+        finally:
+            self._committers -= 1
+
+    def _next_group(self) -> list[_Pending[L]]:
+        """The next operations to commit together, keyed ones in key order."""
+        size = 1
+        if not self._pending[0].alone:
+            limit = min(_GROUP_LIMIT, len(self._pending))
+            while size < limit and not self._pending[size].alone:
+                size += 1
+        group = self._pending[:size]
+        del self._pending[:size]
+        group.sort(key=lambda pending: pending.key)
+        return group
+
+    async def _commit(self, group: list[_Pending[L]]) -> None:
+        """Run ``group`` until every operation in it is settled: an operation that fails
+        unexpectedly is answered alone and the others run again without it; a lost race
+        (deadlock, serialization failure) runs the whole group again."""
+        attempts = 0
+        while group:
             try:
                 outcomes = await self._run_group(group)
-            except (errors.Unavailable, errors.StorageFull) as error:
-                for pending in group:
-                    _settle(pending.future, error=error)
+            except _OperationFailed as failure:
+                logger.error("database operation failed", exc_info=failure.__cause__)
+                _settle(group.pop(failure.index).future, error=errors.DatabaseError())
                 continue
-            except Exception:
-                if len(group) == 1:
-                    logger.exception("database operation failed")
-                    _settle(group[0].future, error=errors.DatabaseError())
+            except _RETRYABLE as error:
+                attempts += 1
+                if attempts < _RETRY_ATTEMPTS:
+                    logger.info("transaction lost a race (%s); running it again", error)
+                    await asyncio.sleep(random.uniform(0.001, 0.01 * attempts))
                     continue
-                # Retry one by one: only the operation at fault fails.
-                await self._commit_each(group)
-                continue
-            for pending, outcome in zip(group, outcomes, strict=True):
-                _settle(pending.future, outcome)
-
-    async def _commit_each(self, group: list[_Pending]) -> None:
-        for pending in group:
-            try:
-                (outcome,) = await self._run_group([pending])
+                outcomes_error: errors.LingerError = errors.Unavailable()
             except (errors.Unavailable, errors.StorageFull) as error:
-                _settle(pending.future, error=error)
+                outcomes_error = error
             except Exception:
-                logger.exception("database operation failed")
-                _settle(pending.future, error=errors.DatabaseError())
+                logger.exception("database transaction failed")
+                outcomes_error = errors.DatabaseError()
             else:
-                _settle(pending.future, outcome)
+                for pending, outcome in zip(group, outcomes, strict=True):
+                    _settle(pending.future, outcome)
+                return
+            for pending in group:
+                _settle(pending.future, error=outcomes_error)
+            return
 
-    async def _run_group(self, group: list[_Pending]) -> list[_Outcome]:
+    async def _run_group(self, group: list[_Pending[L]]) -> list[Outcome]:
         factories = [pending.factory for pending in group]
         autocommit = len(group) == 1 and not group[0].atomic
         return await _skipping_stale(partial(self._run_group_once, factories, autocommit))
 
     async def _run_group_once(
-        self, factories: list[OperationFactory], autocommit: bool
-    ) -> list[_Outcome]:
+        self, factories: list[WriteFactory[L]], autocommit: bool
+    ) -> list[Outcome]:
+        ledger = self.ledger()
         async with self._connect() as raw:
-            if self.postgres and autocommit:
-                return [await _drive_async(_fetcher(raw, postgres=True), factories[0]())]
-            if self.postgres:
-                fetch = _fetcher(raw, postgres=True)
-                transaction = raw.transaction()
-                try:
-                    await transaction.start()
-                except _UNREACHABLE as error:
-                    raise _StaleConnection() from error
-                try:
-                    outcomes: list[_Outcome] = [
-                        await _drive_async(fetch, factory()) for factory in factories
-                    ]
-                except BaseException:
-                    if not raw.is_closed():
-                        await transaction.rollback()
-                    raise
-                await transaction.commit()
-                return outcomes
-            # One hop to aiosqlite's thread for the whole group. aiosqlite runs whatever
-            # callable is queued to its worker; _execute is how its own methods do it.
-            run = _sqlite_autocommit if autocommit else _sqlite_group
-            return await raw._execute(run, raw._conn, factories)  # type: ignore[no-any-return]
+            if not self.postgres:
+                # One hop to aiosqlite's thread for the whole group. aiosqlite runs
+                # whatever callable is queued to its worker; _execute is how its own
+                # methods do it.
+                run = _sqlite_autocommit if autocommit else _sqlite_group
+                return await raw._execute(run, raw._conn, factories, ledger)  # type: ignore[no-any-return]
+            fetch = _fetcher(raw, postgres=True)
+            if autocommit:
+                return await _postgres_operations(fetch, factories, ledger)
+            transaction = raw.transaction()
+            try:
+                await transaction.start()
+            except _UNREACHABLE as error:
+                raise _StaleConnection() from error
+            try:
+                outcomes = await _postgres_operations(fetch, factories, ledger)
+            except BaseException:
+                if not raw.is_closed():
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
+            return outcomes
 
     async def close(self) -> None:
         """Wait for the operations already submitted."""
-        if self._committers:
-            await asyncio.wait(self._committers)
+        if self._tasks:
+            await asyncio.wait(self._tasks)
 
 
 async def _skipping_stale(attempt: Callable[[], Awaitable[T]]) -> T:
@@ -350,7 +499,7 @@ async def _skipping_stale(attempt: Callable[[], Awaitable[T]]) -> T:
     raise errors.Unavailable()
 
 
-def _result(outcome: _Outcome) -> Any:
+def _result(outcome: Outcome) -> Any:
     if outcome.error is not None:
         raise outcome.error
     return outcome.value
@@ -358,7 +507,7 @@ def _result(outcome: _Outcome) -> Any:
 
 def _settle(
     future: asyncio.Future[Any],
-    outcome: _Outcome | None = None,
+    outcome: Outcome | None = None,
     *,
     error: BaseException | None = None,
 ) -> None:

@@ -1,0 +1,281 @@
+"""Connections: aiohttp's runner and protocol with Linger's limits, and a graceful stop.
+
+What aiohttp leaves open, closed here: a request head that never completes (408 after
+``--header-timeout``), more connections than file descriptors (503 beyond
+``--max-connections``, before the process runs out), parser errors as plain text (JSON
+here, like every other error), the version banner (``Server: Linger``), and a stop that
+closes keep-alive connections under clients that are sending (a stopping process answers
+every request it still gets with ``Connection: close`` and closes idle connections only
+after a short grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_log import AccessLogger
+from aiohttp.web_request import BaseRequest
+
+from linger.config import Settings
+from linger.http.keys import DRAINING, SETTINGS
+from linger.http.middleware import error_response, header_value
+
+logger = logging.getLogger(__name__)
+
+SERVER = "Linger"
+# Idle keep-alive connections are closed after this long; above nginx's upstream
+# keepalive_timeout (60 s), so that nginx, not Linger, closes them first.
+KEEPALIVE_TIMEOUT = 75.0
+# File descriptors kept free for the database, the listener and log files.
+_RESERVED_FDS = 64
+# A stopping process waits this long for idle connections to bring one more request.
+_IDLE_GRACE = 1.0
+_DRAIN_POLL = 0.02
+
+
+def max_connections(settings: Settings) -> int:
+    """``--max-connections``, or (0) what the open-files limit allows."""
+    if settings.max_connections > 0:
+        return settings.max_connections
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, soft - _RESERVED_FDS)
+
+
+def _raw_error(status: int, text: str) -> bytes:
+    """A complete JSON error response, for a connection that has no request object."""
+    body = json.dumps({"error": text}).encode()
+    head = (
+        f"HTTP/1.1 {status} {header_value(text)}\r\nServer: {SERVER}\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+@dataclass(slots=True)
+class _Limits:
+    max_connections: int
+    header_timeout: float
+
+
+class _Protocol(web.RequestHandler):
+    """aiohttp's protocol, with a deadline on request heads, JSON errors and a count of
+    the open connections kept by its server."""
+
+    def __init__(self, manager: _Server, *, limits: _Limits, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._counter = manager
+        self._header_timeout = limits.header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+        self.busy = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._counter.open_connections += 1
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._counter.open_connections -= 1
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not self.busy and self._header_timer is None:
+            loop = asyncio.get_running_loop()
+            self._header_timer = loop.call_later(self._header_timeout, self._header_expired)
+        super().data_received(data)
+
+    def request_started(self) -> None:
+        self.busy = True
+        self._disarm()
+
+    def request_done(self) -> None:
+        self.busy = False
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_expired(self) -> None:
+        self._header_timer = None
+        if self.busy or self.transport is None:
+            return
+        self.transport.write(_raw_error(408, "Request head not received in time."))
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs, checks nothing was sent
+        if status >= 500:
+            text = "Internal server error."
+        else:
+            text = (message or HTTPStatus(status).phrase).split("\n", 1)[0][:200]
+        response = error_response(status, text)
+        response.headers["Server"] = SERVER
+        response.force_close()
+        return response
+
+
+class _Refusal(web.RequestHandler):
+    """Answers a connection beyond the cap with 503 and closes it."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_raw_error(503, "Too many connections, try again later."))
+        transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+
+class _Server(web.Server):
+    def __init__(
+        self,
+        handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+        *,
+        limits: _Limits,
+        loop: asyncio.AbstractEventLoop,
+        **kwargs: Any,
+    ) -> None:
+        # The server's own arguments; the rest are the protocol's.
+        request_factory = kwargs.pop("request_factory")
+        cancellation = kwargs.pop("handler_cancellation", False)
+        super().__init__(
+            _tracked(handler),
+            request_factory=request_factory,
+            handler_cancellation=cancellation,
+            loop=loop,
+            **kwargs,
+        )
+        self._protocol_loop = loop
+        self._protocol_kwargs = kwargs
+        self._limits = limits
+        self.open_connections = 0
+
+    def __call__(self) -> web.RequestHandler:
+        if self.open_connections >= self._limits.max_connections:
+            return _Refusal(self, loop=self._protocol_loop)
+        return _Protocol(
+            self, limits=self._limits, loop=self._protocol_loop, **self._protocol_kwargs
+        )
+
+
+def _tracked(
+    handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        protocol = request.protocol
+        if isinstance(protocol, _Protocol):
+            protocol.request_started()
+        try:
+            return await handler(request)
+        finally:
+            if isinstance(protocol, _Protocol):
+                protocol.request_done()
+
+    return handle
+
+
+class Runner(web.AppRunner):
+    """aiohttp's AppRunner serving with Linger's protocol and limits (from the app's
+    settings)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        settings = app[SETTINGS]
+        kwargs.setdefault("max_field_size", 8190)
+        kwargs.setdefault("keepalive_timeout", KEEPALIVE_TIMEOUT)
+        # Compressed request bodies are refused (415), never inflated.
+        kwargs.setdefault("auto_decompress", False)
+        super().__init__(app, **kwargs)
+        self._limits = _Limits(max_connections(settings), settings.header_timeout)
+        self._server_kwargs = {
+            key: value
+            for key, value in kwargs.items()
+            if key not in ("handle_signals", "shutdown_timeout")
+        }
+
+    async def _make_server(self) -> web.Server:
+        stock = await super()._make_server()  # starts the application
+        return _Server(
+            stock.request_handler,
+            request_factory=stock.request_factory,
+            limits=self._limits,
+            loop=asyncio.get_running_loop(),
+            access_log_class=AccessLogger,
+            **self._server_kwargs,
+        )
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """No version banner; a stopping process closes each connection after its response."""
+    response.headers["Server"] = SERVER
+    if request.app[DRAINING].is_set():
+        response.force_close()
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, made before the server starts so that worker processes can
+    share one (and one accept queue)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(
+    app: web.Application,
+    sock: socket.socket,
+    stop: asyncio.Event,
+    started: Callable[[], None] = lambda: None,
+    **runner_kwargs: Any,
+) -> None:
+    """Serve ``app`` on ``sock`` until ``stop`` is set, then stop gracefully: stop
+    accepting (other processes on the socket go on), answer waiting consumers, let every
+    connection finish with ``Connection: close``, then clean up."""
+    runner = Runner(app, **runner_kwargs)
+    await runner.setup()
+    try:
+        site = web.SockSite(runner, sock)
+        await site.start()
+        started()
+        await stop.wait()
+        await site.stop()
+        app[DRAINING].set()
+        for callback in app.on_shutdown:  # wake the long-polls: they answer 204 now
+            await callback(app)
+        await _drain(runner, runner_kwargs.get("shutdown_timeout", 5.0))
+    finally:
+        await runner.cleanup()
+
+
+async def _drain(runner: web.AppRunner, grace: float) -> None:
+    """Wait for the connections to close; idle ones get ``_IDLE_GRACE`` to bring one more
+    request (answered with ``Connection: close``) before they are closed."""
+    server = runner.server
+    if server is None:
+        return
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while server.connections and loop.time() - started < grace:
+        if loop.time() - started >= _IDLE_GRACE:
+            for connection in server.connections:
+                if isinstance(connection, _Protocol) and not connection.busy:
+                    connection.close()
+        await asyncio.sleep(_DRAIN_POLL)

@@ -1,0 +1,175 @@
+"""Topic operations: subscribe, unsubscribe, publish (one copy per subscribed channel)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from linger.store.db import bodies, messages, subscriptions
+from linger.store.driver import Driver, Operation, Outcome, Prepared, Row, single
+from linger.store.ledger import Tally, unnoted
+from linger.store.records import Options
+from linger.store.sql import INSERT_TYPES, READY, announced, ms_sql, param
+
+m = messages
+s = subscriptions
+# A published body longer than this is stored once and referred to by every copy.
+SHARED_BODY_MIN = 1024
+
+
+def _publish_stmt() -> sa.Insert:
+    """Copy the message into every channel subscribed to :topic with the subscription's
+    options; the copies carry :body, or refer to shared body :body_id."""
+    now = param("now")
+    rows = sa.select(
+        s.c.channel,
+        s.c.priority,
+        s.c.timeout,
+        s.c.deliver,
+        s.c.linger,
+        param("topic", sa.String),
+        param("content_type", sa.Text),
+        param("body", sa.LargeBinary),
+        param("body_id"),
+        now,
+        sa.literal_column(str(READY), sa.BigInteger),
+        sa.case((s.c.linger > 0, now + ms_sql(s.c.linger)), else_=sa.null()),
+        sa.literal_column("0", sa.BigInteger),  # deliveries
+    ).where(s.c.topic == param("topic", sa.String))
+    return sa.insert(m).from_select(list(INSERT_TYPES), rows)
+
+
+@dataclass(slots=True)
+class Published:
+    """What a publish did: the id of each channel's copy, and the channels skipped at
+    their high-level mark."""
+
+    ids: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def skip(self, channel: str, _outcome: Outcome, _count: int) -> None:
+        del self.ids[channel]
+        self.skipped.append(channel)
+
+
+class Topics:
+    """The operations on topics and subscriptions."""
+
+    def __init__(self, driver: Driver[Tally], now: Callable[[], int], origin: str) -> None:
+        self._driver = driver
+        self.now = now
+        self.origin = origin
+        prepare = driver.prepare
+        insert = postgresql.insert if driver.postgres else sqlite.insert
+        options = {
+            "priority": param("priority"),
+            "timeout": param("timeout"),
+            "deliver": param("deliver"),
+            "linger": param("linger"),
+        }
+        subscribe = insert(s).values(
+            topic=param("topic", sa.String), channel=param("channel", sa.String), **options
+        )
+        self._subscribe = prepare(
+            subscribe.on_conflict_do_update(
+                index_elements=[s.c.topic, s.c.channel],
+                set_={name: subscribe.excluded[name] for name in options},
+            )
+        )
+        self._unsubscribe = prepare(
+            sa.delete(s)
+            .where(
+                s.c.topic == param("topic", sa.String), s.c.channel == param("channel", sa.String)
+            )
+            .returning(s.c.channel)
+        )
+        self._store_body = prepare(
+            sa.insert(bodies)
+            .values(refs=0, body=param("body", sa.LargeBinary))
+            .returning(bodies.c.id)
+        )
+        self._publish = prepare(announced(_publish_stmt(), postgres=driver.postgres))
+        self._subscribers = prepare(
+            sa.select(s.c.channel)
+            .where(s.c.topic == param("topic", sa.String))
+            .order_by(s.c.channel)
+        )
+        self._topics = prepare(sa.select(s.c.topic).distinct())
+        self._channel_topics = prepare(
+            sa.select(s.c.topic).where(s.c.channel == param("channel", sa.String))
+        )
+        self._totals = prepare(sa.select(sa.func.count(), sa.func.count(sa.distinct(s.c.topic))))
+
+    async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
+        return await self._driver.read(partial(single, stmt, params))
+
+    async def _write(self, stmt: Prepared, **params: Any) -> list[Row]:
+        """A write of one subscription's row."""
+        operation = partial(unnoted, stmt, params)
+        key = ("subscription", params["topic"], params["channel"])
+        return await self._driver.write(operation, atomic=False, key=key)
+
+    async def subscribe(self, channel: str, topic: str, options: Options) -> None:
+        """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
+        await self._write(
+            self._subscribe,
+            channel=channel,
+            topic=topic,
+            priority=options.priority,
+            timeout=options.timeout,
+            deliver=options.deliver,
+            linger=options.linger,
+        )
+
+    async def unsubscribe(self, channel: str, topic: str) -> bool:
+        """Remove the subscription; return whether there was one."""
+        return bool(await self._write(self._unsubscribe, channel=channel, topic=topic))
+
+    async def publish(self, topic: str, body: bytes, content_type: str, hlm: int = 0) -> Published:
+        """Copy the message into every subscribed channel in one transaction, skipping
+        channels at the high-level mark ``hlm`` (> 0); a long body is stored once."""
+        params = {
+            "topic": topic,
+            "body": body,
+            "body_id": None,
+            "content_type": content_type,
+            "now": self.now(),
+            "origin": self.origin,
+        }
+        return await self._driver.write(partial(self._publish_operation, params, hlm))
+
+    def _publish_operation(
+        self, params: dict[str, Any], hlm: int, ledger: Tally
+    ) -> Operation[Published]:
+        body_id = None
+        if len(params["body"]) > SHARED_BODY_MIN:
+            body_id = int((yield self._store_body, params)[0][0])
+            params = {**params, "body": b"", "body_id": body_id}
+        rows = yield self._publish, params
+        published = Published({row[0]: int(row[1]) for row in rows})
+        for channel, message_id in published.ids.items():
+            refuse = partial(published.skip, channel)
+            ledger.added(channel, message_id, hlm=hlm, body_id=body_id, refuse=refuse)
+        if body_id is not None:
+            # Referenced by every copy (the ledger deletes it when that is none).
+            ledger.referenced(body_id, len(rows))
+        return published
+
+    async def list_topics(self) -> list[str]:
+        return sorted(row[0] for row in await self._read(self._topics))
+
+    async def channel_topics(self, channel: str) -> list[str]:
+        return sorted(row[0] for row in await self._read(self._channel_topics, channel=channel))
+
+    async def topic_channels(self, topic: str) -> list[str]:
+        return sorted(row[0] for row in await self._read(self._subscribers, topic=topic))
+
+    async def totals(self) -> tuple[int, int]:
+        """(subscriptions, topics)."""
+        row = (await self._read(self._totals))[0]
+        return int(row[0]), int(row[1])
