@@ -64,7 +64,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             ]
             if storage.driver.postgres:
                 listener = Listener(
-                    engine.url, origin, broker.notifier.notify, on_connect=broker.poll_soon
+                    engine, origin, broker.notifier.notify, on_connect=broker.poll_soon
                 )
                 app[LISTENER] = listener
                 tasks.append(asyncio.create_task(listener.run()))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 DEFAULT_DB = "sqlite+aiosqlite://"
+# URL query parameters whose values are hidden wherever the URL is shown.
+_SECRET_KEY = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +40,18 @@ class Settings:
 
     @property
     def db_display(self) -> str:
-        """The database in use, password hidden."""
+        """The database in use, every secret hidden (the password, and query parameters
+        that may carry one, such as ``?password=`` or ``?sslpassword=``)."""
         url = sa.make_url(self.db)
         if url.get_backend_name() == "sqlite":
             return url.database or ":memory:"
-        return url.render_as_string(hide_password=True)
+        shown = url.set(query={}).render_as_string(hide_password=True)
+        pairs = [
+            f"{key}={'***' if _SECRET_KEY.search(key) else value}"
+            for key, values in url.query.items()
+            for value in ((values,) if isinstance(values, str) else values)
+        ]
+        return shown + ("?" + "&".join(pairs) if pairs else "")
 
 
 def is_memory_sqlite(url: sa.URL) -> bool:

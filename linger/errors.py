@@ -22,6 +22,14 @@ class MessageTooLarge(LingerError):
     """Message is too large."""
 
 
+class UnsupportedEncoding(LingerError):
+    """Unsupported content encoding: send the body uncompressed."""
+
+
+class RequestTimeout(LingerError):
+    """Request body not received in time."""
+
+
 class NotFound(LingerError):
     """Message not found."""
 

@@ -27,10 +27,9 @@ from aiohttp.test_utils import BaseTestServer, TestClient, TestServer
 from linger.app import create_app
 from linger.config import Settings
 from linger.http.server import Runner
-from linger.queue.listener import asyncpg_dsn
 from linger.store import db
 
-from .pgcluster import Cluster
+from .pgcluster import Cluster, asyncpg_dsn
 from .processes import Server
 
 for _name in [name for name in os.environ if name.startswith("LINGER_")]:

@@ -11,6 +11,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import sqlalchemy as sa
+
+
+def asyncpg_dsn(url: str | sa.URL) -> str:
+    """A DSN for asyncpg from a SQLAlchemy ``postgresql+asyncpg://`` URL."""
+    parsed = sa.make_url(url).set(drivername="postgresql")
+    return parsed.render_as_string(hide_password=False)
+
 
 def _bin_dir() -> Path | None:
     found = shutil.which("initdb")

@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from linger.queue.listener import asyncpg_dsn
 from linger.store import db
 
 from .conftest import _admin, run_sync
+from .pgcluster import asyncpg_dsn
 from .processes import Server, free_port, start_server
 
 

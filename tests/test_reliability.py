@@ -14,11 +14,10 @@ import asyncpg
 import pytest
 
 from linger.http.keys import ENGINE
-from linger.queue.listener import asyncpg_dsn
 
 from .conftest import ClientFactory
 from .helpers import Client, add, error, get, server_stats
-from .pgcluster import Cluster
+from .pgcluster import Cluster, asyncpg_dsn
 from .processes import Server, start_server
 
 

@@ -20,8 +20,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
-from linger.queue.listener import asyncpg_dsn
-
+from .pgcluster import asyncpg_dsn
 from .processes import Server, free_port, start_server, until
 
 HEADERS = {"Content-Type": "text/plain"}

@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from linger.http import params
+from linger.http import bodies, params
 from linger.http.keys import SETTINGS, broker_of
-from linger.http.middleware import header_value
+from linger.http.responses import header_value
 from linger.store.records import Message
 
 
@@ -44,9 +44,9 @@ async def list_channels(request: web.Request) -> web.Response:
 
 async def post_message(request: web.Request) -> web.Response:
     channel = params.channel(request)
-    body = await params.message_body(request, request.app[SETTINGS].max_size)
+    body = await bodies.message_body(request)
     options = params.options({**params.query(request), **body.fields})
-    params.require_content(body)
+    bodies.require_content(body)
     message_id = await broker_of(request).add(channel, body.data, body.content_type, options)
     return web.json_response({"id": message_id}, status=202)
 

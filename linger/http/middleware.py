@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from urllib.parse import quote
 
 from aiohttp import web
 
 from linger import errors
-from linger.http import params
+from linger.http import bodies, params
+from linger.http.responses import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -17,24 +17,16 @@ _STATUS: dict[type[errors.LingerError], int] = {
     errors.NotFound: 404,
     errors.NotHidden: 409,
     errors.MessageTooLarge: 413,
+    errors.UnsupportedEncoding: 415,
+    errors.RequestTimeout: 408,
     errors.Unavailable: 503,
     errors.DatabaseError: 500,
     errors.ChannelFull: 507,
     errors.StorageFull: 507,
     errors.Overloaded: 503,
 }
-# Header values are ASCII: names and texts outside it are written percent-encoded.
-_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
-
-
-def header_value(text: str) -> str:
-    return quote(text, safe=_HEADER_SAFE)
-
-
-def error_response(status: int, text: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": text}, status=status, reason=header_value(text), headers=headers
-    )
+# Errors after which the rest of the request is not read: the connection closes.
+_CLOSING = (errors.MessageTooLarge, errors.UnsupportedEncoding, errors.RequestTimeout)
 
 
 def _status(error: errors.LingerError) -> int:
@@ -47,11 +39,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     if not params.path_allowed(request.rel_url.raw_path):
         return error_response(404, "Not Found")
     try:
+        bodies.check_encoding(request)
         return await handler(request)
     except errors.LingerError as error:
         retry = isinstance(error, errors.Unavailable | errors.Overloaded)
         headers = {"Retry-After": "1"} if retry else None
-        return error_response(_status(error), str(error), headers)
+        response = error_response(_status(error), str(error), headers)
+        if isinstance(error, _CLOSING):
+            response.force_close()
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from linger.http import bodies
 from linger.http.admin import get_openapi, get_root, get_stats
 from linger.http.messages import (
     delete_channel,
@@ -24,20 +25,27 @@ from linger.http.topics import (
 )
 
 _CHANNEL = "/channels/{channel:[^/]+}"
+# Requests carrying a message refuse an oversized body before it is sent (Expect).
+_MESSAGE_BODY = bodies.expect_within(bodies.limit)
 _TOPIC = "{topic:[^/]+}"
 
 ROUTES = [
     web.get("/", get_root, name="root", allow_head=False),
     web.get("/channels", list_channels, name="channels", allow_head=False),
-    web.post(_CHANNEL, post_message, name="post_message"),
+    web.post(_CHANNEL, post_message, name="post_message", expect_handler=_MESSAGE_BODY),
     web.get(_CHANNEL, get_message, name="get_message", allow_head=False),
     web.delete(_CHANNEL, delete_channel, name="delete_channel"),
     web.get(_CHANNEL + "/stats", get_channel_stats, name="channel_stats", allow_head=False),
     web.get(_CHANNEL + "/topics", get_channel_topics, name="channel_topics", allow_head=False),
-    web.put(_CHANNEL + "/topics/" + _TOPIC, put_subscription, name="put_subscription"),
+    web.put(
+        _CHANNEL + "/topics/" + _TOPIC,
+        put_subscription,
+        name="put_subscription",
+        expect_handler=bodies.expect_within(bodies.options_limit),
+    ),
     web.delete(_CHANNEL + "/topics/" + _TOPIC, delete_subscription, name="delete_subscription"),
     web.get("/topics", list_topics, name="topics", allow_head=False),
-    web.post("/topics/" + _TOPIC, post_topic_message, name="publish"),
+    web.post("/topics/" + _TOPIC, post_topic_message, name="publish", expect_handler=_MESSAGE_BODY),
     web.get(
         "/topics/" + _TOPIC + "/channels",
         get_topic_channels,

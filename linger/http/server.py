@@ -27,7 +27,7 @@ from aiohttp.web_request import BaseRequest
 
 from linger.config import Settings
 from linger.http.keys import DRAINING, SETTINGS
-from linger.http.middleware import error_response, header_value
+from linger.http.responses import error_response, header_value
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +97,11 @@ class _Protocol(web.RequestHandler):
         self.busy = True
         self._disarm()
 
-    def request_done(self) -> None:
-        self.busy = False
+    def log_access(
+        self, request: BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        super().log_access(request, response, time)
+        self.busy = False  # called once the response is written, logged or not
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -181,14 +184,9 @@ def _tracked(
     handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
 ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
     async def handle(request: BaseRequest) -> web.StreamResponse:
-        protocol = request.protocol
-        if isinstance(protocol, _Protocol):
-            protocol.request_started()
-        try:
-            return await handler(request)
-        finally:
-            if isinstance(protocol, _Protocol):
-                protocol.request_done()
+        if isinstance(request.protocol, _Protocol):
+            request.protocol.request_started()
+        return await handler(request)
 
     return handle
 
@@ -277,5 +275,5 @@ async def _drain(runner: web.AppRunner, grace: float) -> None:
         if loop.time() - started >= _IDLE_GRACE:
             for connection in server.connections:
                 if isinstance(connection, _Protocol) and not connection.busy:
-                    connection.close()
+                    connection.force_close()
         await asyncio.sleep(_DRAIN_POLL)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from linger.http import params
-from linger.http.keys import SETTINGS, broker_of
+from linger.http import bodies, params
+from linger.http.keys import broker_of
 
 
 async def get_channel_topics(request: web.Request) -> web.Response:
@@ -15,7 +15,7 @@ async def get_channel_topics(request: web.Request) -> web.Response:
 
 async def put_subscription(request: web.Request) -> web.Response:
     channel, topic = params.channel(request), params.topic(request, 4)
-    options = params.options(await params.option_values(request))
+    options = params.options(await bodies.option_values(request))
     broker = broker_of(request)
     await broker.storage.topics.subscribe(channel, topic, options)
     broker.counters["subscription-add"] += 1
@@ -35,8 +35,8 @@ async def list_topics(request: web.Request) -> web.Response:
 
 async def post_topic_message(request: web.Request) -> web.Response:
     topic = params.topic(request, 2)
-    body = await params.message_body(request, request.app[SETTINGS].max_size)
-    params.require_content(body)
+    body = await bodies.message_body(request)
+    bodies.require_content(body)
     ids = await broker_of(request).publish(topic, body.data, body.content_type)
     return web.json_response(ids, status=202)
 

@@ -128,6 +128,8 @@ POSTGRES_POOL_SIZE = 10
 POSTGRES_POOL_OVERFLOW = 10
 # A request that finds every pooled connection busy this long gets 503.
 POOL_TIMEOUT = 3.0
+# A database that does not answer makes requests fail (503) in seconds, not hang.
+POSTGRES_CONNECT_ARGS: dict[str, Any] = {"timeout": 5, "command_timeout": 30}
 
 
 def create_engine(
@@ -137,13 +139,12 @@ def create_engine(
     ``BEGIN IMMEDIATE`` transactions, so writers queue instead of failing."""
     url = sa.make_url(url)
     if url.get_backend_name() != "sqlite":
-        # A database that does not answer makes requests fail (503) in seconds, not hang.
         return create_async_engine(
             url,
             pool_size=POSTGRES_POOL_SIZE,
             max_overflow=POSTGRES_POOL_OVERFLOW,
             pool_timeout=POOL_TIMEOUT,
-            connect_args={"timeout": 5, "command_timeout": 30},
+            connect_args=POSTGRES_CONNECT_ARGS,
         )
     # A rollback on every check-in would cost a thread hop; the reset hook below rolls
     # back only a connection that is really inside a transaction.

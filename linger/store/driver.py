@@ -45,7 +45,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
-from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
+from linger.store.db import POSTGRES_CONNECT_ARGS, POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +485,58 @@ class Driver(Generic[L]):
         """Wait for the operations already submitted."""
         if self._tasks:
             await asyncio.wait(self._tasks)
+
+
+LISTEN_PING_TIMEOUT = 10.0
+# Connection arguments that SQLAlchemy's asyncpg adapter takes for itself.
+_ADAPTER_ARGS = (
+    "prepared_statement_cache_size",
+    "prepared_statement_name_func",
+    "async_creator_fn",
+)
+
+
+class Listening:
+    """A connection LISTENing for notifications: ``lost`` is set when it breaks."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self.lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: self.lost.set())
+
+    async def ping(self) -> None:
+        """Find a connection that died without closing (network, failover): within
+        ``LISTEN_PING_TIMEOUT``."""
+        try:
+            await asyncio.wait_for(self._conn.execute("SELECT 1"), LISTEN_PING_TIMEOUT)
+        except (*_LOST, asyncpg.PostgresError) as error:
+            raise errors.Unavailable(str(error)) from error
+
+
+@asynccontextmanager
+async def listen(
+    engine: AsyncEngine, channel: str, receive: Callable[[str], None], name: str
+) -> AsyncIterator[Listening]:
+    """A connection of its own (not the pool's, made with the same arguments: TLS and
+    every other option of the URL) LISTENing on ``channel``; ``receive`` gets each
+    notification's payload. Failures to connect or listen raise ``errors.Unavailable``."""
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    cparams = {**cparams, **POSTGRES_CONNECT_ARGS}
+    for key in _ADAPTER_ARGS:
+        cparams.pop(key, None)
+    try:
+        conn = await asyncpg.connect(*cargs, **cparams, server_settings={"application_name": name})
+    except (*_LOST, asyncpg.PostgresError) as error:
+        raise errors.Unavailable(str(error)) from error
+    try:
+        listening = Listening(conn)
+        try:
+            await conn.add_listener(channel, lambda _c, _pid, _ch, payload: receive(payload))
+        except (*_LOST, asyncpg.PostgresError) as error:
+            raise errors.Unavailable(str(error)) from error
+        yield listening
+    finally:
+        conn.terminate()
 
 
 async def _skipping_stale(attempt: Callable[[], Awaitable[T]]) -> T:
