@@ -147,7 +147,7 @@ def run(
             sock = server.listening_socket(settings.host, settings.port)
         with asyncio.Runner(loop_factory=_new_loop) as runner:
             runner.run(_serve(settings, sock, started))
-    except (errors.SchemaOutdated, errors.Unavailable) as error:
+    except (errors.SchemaOutdated, errors.Unavailable, errors.Misconfigured) as error:
         sys.exit(f"linger: {error}")
     except OSError as error:
         sys.exit(f"linger: cannot start: {error}")

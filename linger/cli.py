@@ -120,6 +120,24 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         _DEFAULTS.workers,
         "server processes sharing the port (SO_REUSEPORT); needs --dbfile or --db",
     ),
+    (
+        "max-connections",
+        _bounded_int(0, 10_000_000),
+        _DEFAULTS.max_connections,
+        "most open client connections; more get 503 (0: the open-files limit less a reserve)",
+    ),
+    (
+        "header-timeout",
+        _seconds,
+        _DEFAULTS.header_timeout,
+        "seconds a client may take to send a request's head once it started, then 408",
+    ),
+    (
+        "body-timeout",
+        _seconds,
+        _DEFAULTS.body_timeout,
+        "seconds a client may take to send a request's body, then 408",
+    ),
     ("access-log", _boolean, _DEFAULTS.access_log, "log every request"),
     (
         "log-level",

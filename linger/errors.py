@@ -58,5 +58,9 @@ class Unavailable(LingerError):
     """Database unavailable, try again later."""
 
 
+class Misconfigured(LingerError):
+    """The database URL has options its driver does not take."""
+
+
 class SchemaOutdated(LingerError):
     """The database schema is not at the version this Linger needs."""

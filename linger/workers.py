@@ -139,7 +139,7 @@ def supervise(settings: Settings) -> None:
     """Run ``settings.workers`` server processes until SIGTERM or SIGINT."""
     try:
         asyncio.run(_prepare(settings))
-    except (errors.SchemaOutdated, errors.Unavailable) as error:
+    except (errors.SchemaOutdated, errors.Unavailable, errors.Misconfigured) as error:
         sys.exit(f"linger: {error}")
     try:
         sock = listening_socket(settings.host, settings.port)

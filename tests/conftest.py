@@ -88,23 +88,68 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def postgres_admin_url() -> Iterator[str]:
-    """An admin URL of a PostgreSQL server for the whole session."""
-    url = os.environ.get("LINGER_TEST_POSTGRES_URL")
-    if url:
-        yield url
+def postgres_cluster() -> Iterator[Cluster | None]:
+    """The session's own PostgreSQL cluster, or None with LINGER_TEST_POSTGRES_URL."""
+    if os.environ.get("LINGER_TEST_POSTGRES_URL"):
+        yield None
         return
     try:
         cluster = Cluster()
-        url = cluster.start()
+        cluster.start()
     except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
         if os.environ.get("LINGER_TEST_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL is required but could not start: {error}")
         pytest.skip(f"no PostgreSQL: {error}")
     try:
-        yield url
+        yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url(postgres_cluster: Cluster | None) -> str:
+    """An admin URL of a PostgreSQL server for the whole session."""
+    if postgres_cluster is None:
+        return os.environ["LINGER_TEST_POSTGRES_URL"]
+    return postgres_cluster.url
+
+
+class NoDeadlocks:
+    """Checks that PostgreSQL reported no deadlock while a test ran: in the server's log
+    when the suite runs its own cluster, else in pg_stat_database's counter."""
+
+    def __init__(self, cluster: Cluster | None, url: str) -> None:
+        self.cluster = cluster
+        self.url = url
+        self.since = cluster.log_size() if cluster else 0
+        self.counted = 0
+
+    async def _counter(self) -> int:
+        conn = await asyncpg.connect(asyncpg_dsn(self.url))
+        try:
+            return int(await conn.fetchval("SELECT sum(deadlocks) FROM pg_stat_database") or 0)
+        finally:
+            await conn.close()
+
+    async def start(self) -> NoDeadlocks:
+        self.counted = await self._counter()
+        return self
+
+    async def check(self) -> None:
+        if self.cluster is not None:
+            assert self.cluster.deadlocks(self.since) == []
+        else:
+            assert await self._counter() == self.counted
+
+
+@pytest.fixture
+async def no_deadlocks(backend: str, request: pytest.FixtureRequest) -> NoDeadlocks | None:
+    """On PostgreSQL, a started ``NoDeadlocks``; None on SQLite (one writer, no locks to
+    order)."""
+    if backend != "postgresql":
+        return None
+    cluster = request.getfixturevalue("postgres_cluster")
+    return await NoDeadlocks(cluster, request.getfixturevalue("postgres_url")).start()
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +174,7 @@ def postgres_url(postgres_admin_url: str) -> str:
 async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        await conn.execute("TRUNCATE messages, channels, subscriptions RESTART IDENTITY")
+        await conn.execute("TRUNCATE messages, channels, subscriptions, bodies RESTART IDENTITY")
     finally:
         await conn.close()
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import time
 from typing import Any
 
 from aiohttp.test_utils import TestClient
@@ -57,3 +61,63 @@ async def error(response: Any, status: int, text: str | None = None) -> None:
     if text is not None:
         assert body == {"error": text}
         assert response.reason == text
+
+
+class Probe:
+    """Another client's requests during an attack: ``worst`` is the slowest answer (s)."""
+
+    def __init__(self, client: Client, path: str = "/") -> None:
+        self.client = client
+        self.path = path
+        self.worst = 0.0
+        self.answered = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            response = await self.client.get(self.path)
+            await response.read()
+            assert response.status == 200, response.status
+            self.worst = max(self.worst, time.monotonic() - started)
+            self.answered += 1
+            await asyncio.sleep(0.005)
+
+    async def __aenter__(self) -> Probe:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._task is not None
+        if self._task.done():
+            self._task.result()  # the probe's own failure, if any
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        assert self.answered > 0
+
+
+async def raw_request(client: Client, data: bytes, *, close: bool = False) -> bytes:
+    """Send ``data`` on a connection of its own and return everything the server sent
+    back until it closed (or 5 s passed)."""
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if close:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1])
+
+
+def json_body_of(raw: bytes) -> Any:
+    return json.loads(raw.split(b"\r\n\r\n", 1)[1])

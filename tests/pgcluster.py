@@ -74,11 +74,46 @@ class Cluster:
         )
         if not self.durable:  # tests: speed over the crash safety of a throwaway cluster
             options += " -c fsync=off -c full_page_writes=off"
+        options += self._tls(data)
         self._options = options
         self._run(
             "pg_ctl", "-D", str(data), "-o", options, "-l", str(self.dir / "log"), "-w", "start"
         )
         return self.url
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log"
+
+    def _tls(self, data: Path) -> str:
+        """Server options for TLS with a self-signed certificate (clients may ask for
+        ``ssl=require``), when openssl is there."""
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            return ""
+        cert, key = data / "server.crt", data / "server.key"
+        request = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"]
+        subject = ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+        subprocess.run([openssl, *request, *subject], check=True, capture_output=True)
+        key.chmod(0o600)
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+            for path in (cert, key):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        return f" -c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
+
+    def deadlocks(self, since: int = 0) -> list[str]:
+        """The server log's deadlock reports after byte ``since``."""
+        with self.log.open("rb") as log:
+            log.seek(since)
+            return [
+                line
+                for line in log.read().decode(errors="replace").splitlines()
+                if "deadlock detected" in line
+            ]
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
 
     def stop_server(self) -> None:
         """Stop the server, keeping its data (an outage)."""

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -385,3 +386,108 @@ async def test_nginx_in_front_of_two_processes(
     ) as response:
         assert response.status == 413
         assert "error" in await response.json(content_type=None)
+
+
+async def test_rolling_restart_under_load_fails_no_request(
+    servers: list[Server], server_args: list[str]
+) -> None:
+    """Three SIGHUPs while clients cycle on keep-alive connections: the workers share one
+    listening socket and a stopping one closes each connection after its response, so no
+    request is refused, reset or cut off."""
+    server = await start_server(servers, *server_args, "--workers", "2")
+    await _worker_pids(server, 2)
+    failures: list[str] = []
+    added: set[int] = set()
+    consumed: set[int] = set()
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as own:
+            while not stop.is_set():
+                try:
+                    message_id = await _add(own, server, "hup")
+                    added.add(message_id)
+                    async with own.get(f"{server.base}/channels/hup?nowait") as response:
+                        await response.read()
+                        if response.status == 200:
+                            got = int(response.headers["x-linger-msg-id"])
+                            async with own.delete(f"{server.base}/messages/{got}") as deleted:
+                                assert deleted.status == 204
+                            consumed.add(got)
+                except (aiohttp.ClientError, AssertionError) as failure:
+                    failures.append(repr(failure))
+
+    clients = [asyncio.create_task(client()) for _ in range(6)]
+    for _ in range(3):
+        before = await _worker_pids(server, 2)
+        server.signal(signal.SIGHUP)
+
+        async def replaced(old: set[int] = before) -> bool:
+            return not (await _worker_pids(server, 2)) & old
+
+        await until(replaced, 30)
+    stop.set()
+    await asyncio.gather(*clients)
+    assert failures == []
+    assert len(added) > 50
+    leftover = set()
+    async with aiohttp.ClientSession() as own:
+        while True:
+            async with own.get(f"{server.base}/channels/hup?nowait") as response:
+                await response.read()
+                if response.status == 204:
+                    break
+                leftover.add(int(response.headers["x-linger-msg-id"]))
+    assert consumed | leftover == added
+
+
+@pytest.mark.postgres
+async def test_listener_connects_with_the_urls_driver_options(
+    servers: list[Server], session: aiohttp.ClientSession, database_url: str, backend: str
+) -> None:
+    """TLS and statement-cache options in the URL apply to the LISTEN connection too, so
+    that cross-process wake-ups come through NOTIFY, not the (here 5 s) poll."""
+    url = f"{database_url}?ssl=require&prepared_statement_cache_size=50"
+    a, b = [await start_server(servers, "--db", url, "--poll-interval", "5") for _ in range(2)]
+
+    async def listening() -> bool:
+        return all(
+            [(await _json(session, f"{s.base}/stats"))["listener-connected"] for s in (a, b)]
+        )
+
+    await until(listening, 10)
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        tls = await conn.fetchval(
+            "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) "
+            "WHERE application_name = 'linger-listener'"
+        )
+    finally:
+        await conn.close()
+    assert tls is True
+    for _ in range(3):
+        assert await _poll_wakeup(session, a, b, "tls") < 0.5
+
+
+@pytest.mark.postgres
+async def test_stats_and_log_hide_a_password_in_the_url_query(
+    servers: list[Server], session: aiohttp.ClientSession, database_url: str, backend: str
+) -> None:
+    url = f"{database_url}?password=s3cret-in-query"
+    server = await start_server(servers, "--db", url)
+    shown = (await _json(session, f"{server.base}/stats"))["db-file"]
+    assert "s3cret" not in shown
+    assert "password=***" in shown
+    assert "s3cret" not in server.stderr()
+
+
+@pytest.mark.postgres
+def test_url_option_the_driver_refuses_is_a_one_line_error(database_url: str, backend: str) -> None:
+    url = f"{database_url}?sslpassword=s3cret&no_such_option=1"
+    command = [sys.executable, "-m", "linger", "--port", str(free_port()), "--db", url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith("linger: the database URL is not usable"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr

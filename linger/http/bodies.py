@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from linger import errors
+from linger.http import server
 from linger.http.keys import SETTINGS
 from linger.http.responses import error_response
 
@@ -91,18 +92,21 @@ def expect_within(
         try:
             check_encoding(request)
         except errors.UnsupportedEncoding as error:
-            return _closing(error_response(415, str(error)))
+            return _refused(request, error_response(415, str(error)))
         size = limit_of(request)
         if (request.content_length or 0) > size:
-            return _closing(error_response(413, f"Request body is larger than {size} bytes."))
+            text = f"Request body is larger than {size} bytes."
+            return _refused(request, error_response(413, text))
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return None
 
     return expect
 
 
-def _closing(response: web.Response) -> web.Response:
+def _refused(request: web.Request, response: web.Response) -> web.Response:
+    """The body will not come: close the connection after the answer, reading nothing."""
     response.force_close()
+    server.abandon(request)
     return response
 
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from linger import errors
-from linger.http import bodies, params
+from linger.http import bodies, params, server
 from linger.http.responses import error_response
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -47,6 +47,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = error_response(_status(error), str(error), headers)
         if isinstance(error, _CLOSING):
             response.force_close()
+        if isinstance(error, errors.RequestTimeout):
+            server.abandon(request)
         return response
     except web.HTTPException as error:
         if error.status < 400:

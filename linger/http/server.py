@@ -77,6 +77,8 @@ class _Protocol(web.RequestHandler):
         self._header_timeout = limits.header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self.busy = False
+        # Close right after the response, without reading the rest of the request.
+        self.abandon = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._counter.open_connections += 1
@@ -102,6 +104,8 @@ class _Protocol(web.RequestHandler):
     ) -> None:
         super().log_access(request, response, time)
         self.busy = False  # called once the response is written, logged or not
+        if self.abandon:
+            self.force_close()
 
     def _disarm(self) -> None:
         if self._header_timer is not None:
@@ -180,6 +184,13 @@ class _Server(web.Server):
         )
 
 
+def abandon(request: web.Request) -> None:
+    """Close ``request``'s connection as soon as its response is sent, without reading
+    what is left of the request (a client too slow to finish it)."""
+    if isinstance(request.protocol, _Protocol):
+        request.protocol.abandon = True
+
+
 def _tracked(
     handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
 ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
@@ -225,7 +236,9 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
     """No version banner; a stopping process closes each connection after its response."""
     response.headers["Server"] = SERVER
     if request.app[DRAINING].is_set():
+        # The Connection header is already computed when this hook runs: set it too.
         response.force_close()
+        response.headers["Connection"] = "close"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -239,11 +239,15 @@ async def check_schema(engine: AsyncEngine) -> None:
 
 
 async def prepare(engine: AsyncEngine, *, migrate: bool) -> None:
-    """Migrate SQLite (or any database when ``migrate``), otherwise check the schema."""
-    if migrate or engine.dialect.name == "sqlite":
-        await upgrade(engine)
-    else:
-        await check_schema(engine)
+    """Migrate SQLite (or any database when ``migrate``), otherwise check the schema.
+    Raise ``Misconfigured`` when the driver refuses the URL's options."""
+    try:
+        if migrate or engine.dialect.name == "sqlite":
+            await upgrade(engine)
+        else:
+            await check_schema(engine)
+    except (TypeError, ValueError) as error:  # an unknown or malformed connect argument
+        raise errors.Misconfigured(f"the database URL is not usable: {error}") from error
 
 
 async def server_id(conn: AsyncConnection, new_id: str) -> str:

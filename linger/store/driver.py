@@ -33,7 +33,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -488,6 +488,8 @@ class Driver(Generic[L]):
 
 
 LISTEN_PING_TIMEOUT = 10.0
+# How long a stopping listener waits for a connection attempt it started.
+_CONNECT_GRACE = 1.0
 # Connection arguments that SQLAlchemy's asyncpg adapter takes for itself.
 _ADAPTER_ARGS = (
     "prepared_statement_cache_size",
@@ -524,8 +526,17 @@ async def listen(
     cparams = {**cparams, **POSTGRES_CONNECT_ARGS}
     for key in _ADAPTER_ARGS:
         cparams.pop(key, None)
+    connecting = asyncio.ensure_future(
+        asyncpg.connect(*cargs, **cparams, server_settings={"application_name": name})
+    )
     try:
-        conn = await asyncpg.connect(*cargs, **cparams, server_settings={"application_name": name})
+        conn = await asyncio.shield(connecting)
+    except asyncio.CancelledError:
+        # Stopped while connecting: let the attempt end (briefly) and close what it made,
+        # rather than leave a half-made connection behind.
+        with suppress(Exception):
+            (await asyncio.wait_for(connecting, _CONNECT_GRACE)).terminate()
+        raise
     except (*_LOST, asyncpg.PostgresError) as error:
         raise errors.Unavailable(str(error)) from error
     try:

@@ -1,0 +1,223 @@
+"""Hostile requests get a prompt 4xx and hold nobody else up: huge forms, compressed and
+trickled bodies, unfinished heads, too many connections, Expect, closed connections."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import zlib
+
+import pytest
+
+from linger.http.bodies import MAX_FORM_FIELDS
+from linger.http.keys import BROKER
+
+from .conftest import ClientFactory
+from .helpers import (
+    Client,
+    Probe,
+    add,
+    error,
+    get,
+    json_body_of,
+    raw_request,
+    stats,
+    status_of,
+)
+
+
+def _multipart(parts: int, boundary: str = "b0undary") -> bytes:
+    part = f"--{boundary}\r\nContent-Disposition: form-data; name=x\r\n\r\n\r\n".encode()
+    return part * parts + f"--{boundary}--\r\n".encode()
+
+
+@pytest.mark.parametrize("parts", [1_000, 16_382])
+async def test_form_of_thousands_of_empty_parts_is_refused_at_once(
+    client: Client, parts: int
+) -> None:
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c",
+            data=io.BytesIO(_multipart(parts)),
+            headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+        )
+    if parts < MAX_FORM_FIELDS * 20:
+        await error(response, 400, "Too many form fields.")
+    else:  # also more bytes than a form may have
+        assert response.status in (400, 413)
+    assert probe.worst < 0.25, probe.worst
+    assert (await stats(client, "c"))["ready"] == 0
+
+
+async def test_chunked_multipart_counts_every_byte(client: Client) -> None:
+    """Boundaries and part headers count against the limit, also without a length."""
+
+    async def chunks() -> object:
+        for _ in range(20):  # about 5 MB of part headers, no part body at all
+            yield (
+                b"--b0undary\r\nContent-Disposition: form-data; name=x\r\nX-Pad: "
+                + b"p" * 250_000
+                + b"\r\n\r\n\r\n"
+            )
+
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c",
+            data=chunks(),
+            headers={"Content-Type": "multipart/form-data; boundary=b0undary"},
+        )
+    assert response.status in (400, 413), await response.text()
+    assert "error" in await response.json()
+    assert probe.worst < 0.25, probe.worst
+
+
+async def test_urlencoded_form_with_too_many_fields_is_400(client: Client) -> None:
+    body = b"&".join(b"a" for _ in range(425_000))
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c",
+            data=io.BytesIO(body),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert response.status in (400, 413)
+    assert probe.worst < 0.25, probe.worst
+    fields = "&".join(f"f{i}=1" for i in range(MAX_FORM_FIELDS)) + "&msg=m"
+    response = await client.post(
+        "/channels/c", data=fields, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    await error(response, 400, "Too many form fields.")
+
+
+async def test_fully_escaped_form_message_is_decoded_off_the_loop(client: Client) -> None:
+    body = b"msg=" + b"%41" * 262_144
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c",
+            data=io.BytesIO(body),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert response.status == 202
+    assert probe.worst < 0.25, probe.worst
+    assert await (await get(client, "c")).read() == b"A" * 262_144
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [("gzip", gzip.compress), ("deflate", zlib.compress), ("br", lambda data: data[:1000])],
+)
+async def test_compressed_body_is_415_without_inflating_it(
+    client: Client, encoding: str, compress: object
+) -> None:
+    assert callable(compress)
+    bomb = compress(b"\0" * 50_000_000)  # inflates to 50 MB
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c",
+            data=io.BytesIO(bomb),
+            headers={"Content-Type": "text/plain", "Content-Encoding": encoding},
+        )
+    await error(response, 415, "Unsupported content encoding: send the body uncompressed.")
+    assert probe.worst < 0.25, probe.worst
+    assert (await stats(client, "c"))["ready"] == 0
+    response = await client.post(
+        "/channels/c",
+        data=b"plain",
+        headers={"Content-Type": "t/p", "Content-Encoding": "identity"},
+    )
+    assert response.status == 202
+
+
+async def test_unfinished_request_head_is_408(make_client: ClientFactory) -> None:
+    client = await make_client(header_timeout=0.3)
+    answer = await raw_request(client, b"GET /stats HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    assert status_of(answer) == 408
+    assert json_body_of(answer) == {"error": "Request head not received in time."}
+    assert (await client.get("/stats")).status == 200
+
+
+async def test_trickled_body_is_408_and_closed(make_client: ClientFactory) -> None:
+    client = await make_client(body_timeout=0.3)
+    answer = await raw_request(
+        client,
+        b"POST /channels/c HTTP/1.1\r\nHost: x\r\nContent-Type: t/p\r\n"
+        b"Content-Length: 100\r\n\r\nonly ten b",
+    )
+    assert status_of(answer) == 408
+    assert json_body_of(answer) == {"error": "Request body not received in time."}
+    assert b"Connection: close" in answer
+    assert (await stats(client, "c"))["ready"] == 0
+
+
+async def test_connections_beyond_the_cap_get_503(make_client: ClientFactory) -> None:
+    client = await make_client(max_connections=4)
+    assert client.port is not None
+    held = [await asyncio.open_connection("127.0.0.1", client.port) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await writer.wait_closed()
+        assert status_of(answer) == 503
+        assert json_body_of(answer) == {"error": "Too many connections, try again later."}
+    finally:
+        for _reader, held_writer in held:
+            held_writer.close()
+            await held_writer.wait_closed()
+    await asyncio.sleep(0.05)
+    answer = await raw_request(client, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(answer) == 200
+
+
+async def test_expect_continue_with_an_oversized_length_is_413_first(client: Client) -> None:
+    answer = await raw_request(
+        client,
+        b"POST /channels/c HTTP/1.1\r\nHost: x\r\nContent-Type: t/p\r\n"
+        b"Content-Length: 10000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    assert status_of(answer) == 413, answer
+    assert b"100 Continue" not in answer
+    assert "error" in json_body_of(answer)
+
+
+async def test_expect_continue_within_the_limit_continues(client: Client) -> None:
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(
+        b"POST /channels/c HTTP/1.1\r\nHost: x\r\nContent-Type: t/p\r\n"
+        b"Content-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await writer.wait_closed()
+    assert b" 202 " in answer
+
+
+async def test_query_message_with_invalid_utf8_is_400(client: Client) -> None:
+    response = await client.post("/channels/c?msg=%FF%FE", skip_auto_headers=["Content-Type"])
+    await error(response, 400, "Invalid UTF-8 in query string.")
+    form = await client.post(
+        "/channels/c",
+        data=b"msg=%FF%FE",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    await error(form, 400, "Invalid UTF-8 in form data.")
+    assert (await stats(client, "c"))["ready"] == 0
+
+
+async def test_responses_name_linger_without_a_version(client: Client) -> None:
+    for response in (await client.get("/"), await client.get("/nowhere")):
+        assert response.headers["Server"] == "Linger"
+
+
+async def test_get_for_a_closed_connection_claims_nothing(client: Client) -> None:
+    """A consumer whose connection is already gone when its GET is handled (nowait, or the
+    first claim of a long-poll) must not hide a message for its whole timeout."""
+    await add(client, "c", "kept")
+    broker = client.app[BROKER]
+    assert await broker.get("c", wait=0, alive=lambda: False) is None
+    assert await broker.get("c", wait=1.0, alive=lambda: False) is None
+    assert await stats(client, "c") == {"ready": 1, "hidden": 0}
