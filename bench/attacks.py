@@ -70,7 +70,11 @@ class Lab:
         asyncio.run(create())
         return str(self.cluster.url).rsplit("/", 1)[0] + "/" + name
 
-    def start(self, backend: str, *options: str) -> Server:
+    async def start(self, backend: str, *options: str) -> Server:
+        """A started server (started in a thread: its start-up waits synchronously)."""
+        return await asyncio.to_thread(self._start, backend, *options)
+
+    def _start(self, backend: str, *options: str) -> Server:
         # -I: the installation's own linger, never the one in the working directory.
         command = [self.python, "-I", "-m", "linger", "--log-level", "ERROR"]
         if backend == "file":
@@ -107,7 +111,7 @@ def _summary(latencies: list[float]) -> str:
 
 
 async def stranded(lab: Lab) -> str:
-    server = lab.start("memory")
+    server = await lab.start("memory")
     async with aiohttp.ClientSession() as session:
         bursts: list[float] = []
         for _ in range(42):
@@ -115,12 +119,23 @@ async def stranded(lab: Lab) -> str:
                 *(_post(session, f"{server.base}/channels/burst") for _ in range(16))
             )
             bursts += [latency for _status, latency in results]
+        steady: list[float] = []
+        stop = time.monotonic() + 5.0
+
+        async def client() -> None:
+            while time.monotonic() < stop:
+                steady.append((await _post(session, f"{server.base}/channels/steady"))[1])
+
+        await asyncio.gather(*(client() for _ in range(16)))
     server.stop()
-    server = lab.start("memory", "--sweep-interval", "5")
+    server = await lab.start("memory", "--sweep-interval", "5")
     async with aiohttp.ClientSession() as session:
         single = [(await _post(session, f"{server.base}/channels/one"))[1] for _ in range(60)]
     server.stop()
-    return f"bursts: {_summary(bursts)}; single POSTs: {_summary(single)}"
+    return (
+        f"bursts of 16: {_summary(bursts)}; 16 clients for 5 s: {_summary(steady)}; "
+        f"single POSTs (--sweep-interval 5): {_summary(single)}"
+    )
 
 
 async def _mark_load(server: Server, seconds: float) -> tuple[int, list[int], list[float]]:
@@ -157,7 +172,7 @@ async def _mark_load(server: Server, seconds: float) -> tuple[int, list[int], li
 
 
 async def deadlock_mark(lab: Lab) -> str:
-    server = lab.start("postgres", "--hlm", "100000")
+    server = await lab.start("postgres", "--hlm", "100000")
     since = lab.log_size()
     seconds = 8.0
     count, statuses, latencies = await _mark_load(server, seconds)
@@ -172,7 +187,7 @@ async def deadlock_mark(lab: Lab) -> str:
 
 
 async def deadlock_drain(lab: Lab) -> str:
-    server = lab.start("postgres")
+    server = await lab.start("postgres")
     since = lab.log_size()
     statuses: list[int] = []
     stop = time.monotonic() + 8.0
@@ -207,7 +222,9 @@ async def deadlock_drain(lab: Lab) -> str:
     return f"{errors} server errors in 8 s, {deadlocks} deadlocks in the PostgreSQL log"
 
 
-async def _adds_per_second(server: Server, seconds: float, hostile: int) -> float:
+async def _adds_per_second(
+    server: Server, seconds: float, hostile: int, *, bad: bool = True
+) -> float:
     done = 0
     stop = time.monotonic() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
@@ -220,9 +237,15 @@ async def _adds_per_second(server: Server, seconds: float, hostile: int) -> floa
 
         async def evil() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            # A Content-Type that is not UTF-8, or (as a yardstick) a bad priority: both
+            # are refused requests, one used to reach the database.
+            kind, query = (b"text/\xff\xfe", b"") if bad else (b"text/plain", b"?priority=x")
             head = (
-                b"POST /channels/evil HTTP/1.1\r\nHost: x\r\nContent-Type: text/\xff\xfe\r\n"
-                b"Content-Length: 1\r\n\r\nm"
+                b"POST /channels/evil"
+                + query
+                + b" HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                + kind
+                + b"\r\nContent-Length: 1\r\n\r\nm"
             )
             while time.monotonic() < stop:
                 writer.write(head)
@@ -234,6 +257,7 @@ async def _adds_per_second(server: Server, seconds: float, hostile: int) -> floa
                 while (await reader.readline()) not in (b"\r\n", b""):
                     pass
                 await reader.read(200)  # the short error body
+                await asyncio.sleep(0.01)  # about 100 requests/s each
             writer.close()
 
         await asyncio.gather(*(good() for _ in range(8)), *(evil() for _ in range(hostile)))
@@ -241,15 +265,20 @@ async def _adds_per_second(server: Server, seconds: float, hostile: int) -> floa
 
 
 async def bad_type(lab: Lab) -> str:
-    server = lab.start("file")
+    server = await lab.start("file")
     alone = await _adds_per_second(server, 5.0, 0)
+    beside_good = await _adds_per_second(server, 5.0, 2, bad=False)
     attacked = await _adds_per_second(server, 5.0, 2)
     server.stop()
-    return f"good clients {alone:,.0f} adds/s alone, {attacked:,.0f} adds/s beside 2 bad clients"
+    return (
+        f"8 clients' adds: {alone:,.0f}/s alone, {beside_good:,.0f}/s beside 2 clients "
+        f"sending bad priorities (400), {attacked:,.0f}/s beside 2 clients sending a "
+        "Content-Type that is not UTF-8 (each about 100 requests/s)"
+    )
 
 
 async def deep_mark(lab: Lab) -> str:
-    server = lab.start("file", "--hlm", "100000")
+    server = await lab.start("file", "--hlm", "100000")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
         numbers = iter(range(99_000))
 
@@ -284,7 +313,7 @@ async def deep_mark(lab: Lab) -> str:
 
 
 async def fanout(lab: Lab) -> str:
-    server = lab.start("file")
+    server = await lab.start("file")
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
         numbers = iter(range(2000))
 

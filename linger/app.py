@@ -99,7 +99,6 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))
     app.on_shutdown.append(_wake_waiters)
-    app.on_response_prepare.append(server.on_response_prepare)
     app.router.add_routes(ROUTES)
     return app
 

@@ -107,6 +107,7 @@ def _refused(request: web.Request, response: web.Response) -> web.Response:
     """The body will not come: close the connection after the answer, reading nothing."""
     response.force_close()
     server.abandon(request)
+    response.headers["Server"] = server.SERVER
     return response
 
 
@@ -208,7 +209,10 @@ def _query_message(request: web.Request) -> bytes:
 
 
 async def within_deadline(request: web.Request, read: Awaitable[T]) -> T:
-    """``read`` (of the request's body), given at most ``--body-timeout`` seconds."""
+    """``read`` (of the request's body), given at most ``--body-timeout`` seconds (no
+    timer at all for a body that has already arrived whole)."""
+    if request.content.is_eof():
+        return await read
     try:
         async with asyncio.timeout(request.app[SETTINGS].body_timeout):
             return await read

@@ -37,10 +37,10 @@ def _status(error: errors.LingerError) -> int:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Domain errors and aiohttp's own HTTP errors become JSON error responses."""
     if not params.path_allowed(request.rel_url.raw_path):
-        return error_response(404, "Not Found")
+        return server.finish(request, error_response(404, "Not Found"))
     try:
         bodies.check_encoding(request)
-        return await handler(request)
+        return server.finish(request, await handler(request))
     except errors.LingerError as error:
         retry = isinstance(error, errors.Unavailable | errors.Overloaded)
         headers = {"Retry-After": "1"} if retry else None
@@ -49,9 +49,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response.force_close()
         if isinstance(error, errors.RequestTimeout):
             server.abandon(request)
-        return response
+        return server.finish(request, response)
     except web.HTTPException as error:
         if error.status < 400:
             raise
         allow = {"Allow": error.headers["Allow"]} if "Allow" in error.headers else None
-        return error_response(error.status, error.reason, allow)
+        return server.finish(request, error_response(error.status, error.reason, allow))

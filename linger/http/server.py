@@ -17,6 +17,7 @@ import logging
 import resource
 import socket
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -74,8 +75,10 @@ class _Protocol(web.RequestHandler):
     def __init__(self, manager: _Server, *, limits: _Limits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._counter = manager
-        self._header_timeout = limits.header_timeout
-        self._header_timer: asyncio.TimerHandle | None = None
+        self._clock = manager.clock
+        # When the head of a request began to arrive (None: no head is due); the server's
+        # watchdog answers 408 to heads older than --header-timeout.
+        self.head_since: float | None = None
         self.busy = False
         # Close right after the response, without reading the rest of the request.
         self.abandon = False
@@ -86,18 +89,17 @@ class _Protocol(web.RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._counter.open_connections -= 1
-        self._disarm()
+        self.head_since = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if data and not self.busy and self._header_timer is None:
-            loop = asyncio.get_running_loop()
-            self._header_timer = loop.call_later(self._header_timeout, self._header_expired)
+        if self.head_since is None and not self.busy:
+            self.head_since = self._clock()
         super().data_received(data)
 
     def request_started(self) -> None:
         self.busy = True
-        self._disarm()
+        self.head_since = None
 
     def log_access(
         self, request: BaseRequest, response: web.StreamResponse, time: float | None
@@ -107,13 +109,8 @@ class _Protocol(web.RequestHandler):
         if self.abandon:
             self.force_close()
 
-    def _disarm(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-
-    def _header_expired(self) -> None:
-        self._header_timer = None
+    def head_expired(self) -> None:
+        self.head_since = None
         if self.busy or self.transport is None:
             return
         self.transport.write(_raw_error(408, "Request head not received in time."))
@@ -174,7 +171,30 @@ class _Server(web.Server):
         self._protocol_loop = loop
         self._protocol_kwargs = kwargs
         self._limits = limits
+        self.clock = loop.time
         self.open_connections = 0
+        self._watchdog = loop.create_task(self._watch_heads())
+
+    async def _watch_heads(self) -> None:
+        """Answer 408 to request heads that take longer than the limit (a check of every
+        connection a few times per limit, rather than a timer per request)."""
+        timeout = self._limits.header_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            cutoff = self.clock() - timeout
+            for connection in self.connections:
+                if (
+                    isinstance(connection, _Protocol)
+                    and connection.head_since is not None
+                    and connection.head_since < cutoff
+                ):
+                    connection.head_expired()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        self._watchdog.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._watchdog
+        await super().shutdown(timeout)
 
     def __call__(self) -> web.RequestHandler:
         if self.open_connections >= self._limits.max_connections:
@@ -232,13 +252,13 @@ class Runner(web.AppRunner):
         )
 
 
-async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+def finish(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """No version banner; a stopping process closes each connection after its response."""
-    response.headers["Server"] = SERVER
-    if request.app[DRAINING].is_set():
-        # The Connection header is already computed when this hook runs: set it too.
-        response.force_close()
-        response.headers["Connection"] = "close"
+    if not response.prepared:
+        response.headers["Server"] = SERVER
+        if request.app[DRAINING].is_set():
+            response.force_close()
+    return response
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -14,8 +14,9 @@ them, on SQLite in a single hop to its thread. Each caller is answered only afte
 commit. Every operation of a group notes what it changed in the group's ``Ledger``, which
 settles it at the end of the group, in the same transaction (counters kept beside the
 rows, in one global lock order). An unexpected failure of one operation fails that
-operation alone: on SQLite it runs in a savepoint of its own; on PostgreSQL the group is
-run again without it.
+operation alone: the group is rolled back and run again without it (once; requests are
+validated before they reach a group, so this is the rare case of a database refusing
+one operation).
 """
 
 from __future__ import annotations
@@ -185,29 +186,26 @@ def _drive_sync(conn: sqlite3.Connection, operation: Operation[Any]) -> Outcome:
         return Outcome(error=error)
 
 
-def _isolated_sync(
-    conn: sqlite3.Connection, index: int, factory: WriteFactory[L], ledger: L
-) -> Outcome:
-    """Run one operation of a group in a savepoint: an unexpected error rolls back that
-    operation alone."""
-    conn.execute("SAVEPOINT operation")
-    try:
-        outcome = _drive_sync(conn, factory(ledger))
-    except Exception as error:
-        if _is_group_error(error):
-            raise
-        conn.execute("ROLLBACK TO operation")
-        ledger.drop(index)
-        logger.error("database operation failed", exc_info=error)
-        outcome = Outcome(error=errors.DatabaseError())
-    conn.execute("RELEASE operation")
-    return outcome
-
-
 def _settle_sync(conn: sqlite3.Connection, ledger: Ledger, outcomes: list[Outcome]) -> None:
     settle = ledger.settle(outcomes)
     if settle is not None:
         _drive_sync(conn, settle)
+
+
+def _sqlite_operations(
+    conn: sqlite3.Connection, factories: list[WriteFactory[L]], ledger: L
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for index, factory in enumerate(factories):
+        ledger.begin(index)
+        try:
+            outcomes.append(_drive_sync(conn, factory(ledger)))
+        except Exception as error:
+            if _is_group_error(error):
+                raise
+            raise _OperationFailed(index) from error
+    _settle_sync(conn, ledger, outcomes)
+    return outcomes
 
 
 def _sqlite_group(
@@ -216,19 +214,7 @@ def _sqlite_group(
     """Runs in the SQLite connection's thread: the whole group in one transaction."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        outcomes: list[Outcome] = []
-        for index, factory in enumerate(factories):
-            ledger.begin(index)
-            if len(factories) == 1:  # nothing to protect: a failure fails the group
-                try:
-                    outcomes.append(_drive_sync(conn, factory(ledger)))
-                except Exception as error:
-                    if _is_group_error(error):
-                        raise
-                    raise _OperationFailed(index) from error
-            else:
-                outcomes.append(_isolated_sync(conn, index, factory, ledger))
-        _settle_sync(conn, ledger, outcomes)
+        outcomes = _sqlite_operations(conn, factories, ledger)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -242,15 +228,7 @@ def _sqlite_autocommit(
 ) -> list[Outcome]:
     """Runs in the SQLite connection's thread: one operation, each statement committing
     on its own."""
-    ledger.begin(0)
-    try:
-        outcomes = [_drive_sync(conn, factories[0](ledger))]
-    except Exception as error:
-        if _is_group_error(error):
-            raise
-        raise _OperationFailed(0) from error
-    _settle_sync(conn, ledger, outcomes)
-    return outcomes
+    return _sqlite_operations(conn, factories, ledger)
 
 
 Fetch = Callable[[str, list[Any]], Awaitable[Iterable[Row]]]
