@@ -67,8 +67,15 @@ messages = sa.Table(
     # row in place (HOT) instead of adding index entries on every delivery.
     sa.Index(None, "channel", "priority", "id"),
     # The sweeper's range, and the dead rows of one channel that the high-level mark must
-    # not count, both read from the index alone.
-    sa.Index(None, "dead_at", "channel"),
+    # not count, both read from the index alone; only rows that can die are in it (most
+    # messages have no retention and no delivery limit: their inserts skip this index).
+    sa.Index(
+        None,
+        "dead_at",
+        "channel",
+        sqlite_where=sa.text("dead_at IS NOT NULL"),
+        postgresql_where=sa.text("dead_at IS NOT NULL"),
+    ),
     sqlite_autoincrement=True,
     # Room on each page for those in-place updates, and vacuum that keeps up with a
     # table whose rows live for seconds (the default waits for 20% of it to be dead).

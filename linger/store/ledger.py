@@ -16,6 +16,7 @@ the mark together. Adds that would pass it are removed again and their operation
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,9 +72,12 @@ class LedgerStatements:
             chosen = sa.select(rows.c.name, rows.c.polled_at, rows.c.messages).order_by(rows.c.name)
             upsert = postgresql.insert(c).from_select(["name", "polled_at", "messages"], chosen)
         else:
-            upsert = sqlite.insert(c).values(
-                name=param("name", sa.String), polled_at=param("polled"), messages=param("delta")
-            )
+            # One statement for every channel too: the rows come as a JSON array.
+            rows = sa.func.json_each(param("rows", sa.String)).table_valued("value")
+            fields = [sa.func.json_extract(rows.c.value, f"$[{i}]") for i in range(3)]
+            # WHERE: SQLite's upsert after a SELECT needs one, to parse.
+            chosen = sa.select(*fields).where(sa.true())
+            upsert = sqlite.insert(c).from_select(["name", "polled_at", "messages"], chosen)
         self.upsert = prepare(
             upsert.on_conflict_do_update(
                 index_elements=[c.c.name],
@@ -195,19 +199,17 @@ class Tally:
             yield s.unreferenced, {"id": body_id}
 
     def _upsert(self, names: list[str], total: _Entries) -> Operation[dict[str, int]]:
-        """Apply each channel's change in one upsert per channel, in name order; return
-        every touched channel's new count."""
+        """Apply every channel's change in one upsert, in name order; return every
+        touched channel's new count."""
         s = self._statements
         polled = [total.polled.get(name, 0) for name in names]
         deltas = [total.deltas.get(name, 0) for name in names]
         if s.postgres:
-            rows = yield s.upsert, {"names": names, "polled": polled, "deltas": deltas}
-            return {row[0]: int(row[1]) for row in rows}
-        counts: dict[str, int] = {}
-        for name, until, delta in zip(names, polled, deltas, strict=True):
-            rows = yield s.upsert, {"name": name, "polled": until, "delta": delta}
-            counts[name] = int(rows[0][1])
-        return counts
+            params: dict[str, Any] = {"names": names, "polled": polled, "deltas": deltas}
+        else:
+            params = {"rows": json.dumps(list(zip(names, polled, deltas, strict=True)))}
+        rows = yield s.upsert, params
+        return {row[0]: int(row[1]) for row in rows}
 
     def _check_mark(
         self, channel: str, count: int, adds: list[_Add], outcomes: list[Outcome]

@@ -3,8 +3,9 @@
 - ``channels.messages``: the rows each channel holds, kept by every change to them, so
   that the high-level mark is one row read instead of a count of the channel.
 - ``bodies`` and ``messages.body_id``: a body published to many channels is stored once.
-- ``ix_messages_dead_at`` becomes ``(dead_at, channel)``: the dead rows of one channel are
-  counted from the index alone.
+- ``ix_messages_dead_at`` becomes ``(dead_at, channel)``, of the rows that have a
+  ``dead_at`` only: the dead rows of one channel are counted from the index alone, and
+  messages that can never die cost it nothing.
 
 Revision ID: 0002
 Revises: 0001
@@ -49,7 +50,13 @@ def upgrade() -> None:
     )
     op.add_column("messages", sa.Column("body_id", sa.BigInteger, nullable=True))
     op.drop_index("ix_messages_dead_at", table_name="messages")
-    op.create_index("ix_messages_dead_at_channel", "messages", ["dead_at", "channel"])
+    op.create_index(
+        "ix_messages_dead_at_channel",
+        "messages",
+        ["dead_at", "channel"],
+        sqlite_where=sa.text("dead_at IS NOT NULL"),
+        postgresql_where=sa.text("dead_at IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
