@@ -13,6 +13,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from linger.store import db
+from linger.store.ledger import LedgerStatements
 from linger.store.storage import Storage
 
 from .conftest import _admin
@@ -90,6 +91,40 @@ async def test_claim_plan_follows_the_index_without_sorting(postgres_url: str) -
         assert "ix_messages_channel_priority_id" in plan, plan
         assert "Sort" not in plan, plan
         assert "Seq Scan" not in plan, plan
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+        await engine.dispose()
+
+
+async def _plan(engine: AsyncEngine, sql: str, args: list[Any]) -> str:
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        assert raw is not None
+        return "\n".join(r[0] for r in await raw.fetch("EXPLAIN " + sql, *args))
+
+
+@pytest.mark.postgres
+async def test_sweep_and_mark_read_only_the_rows_that_can_die(postgres_url: str) -> None:
+    engine = db.create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+            await conn.exec_driver_sql(
+                "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic,"
+                " content_type, body, created_at, visible_at, dead_at, deliveries)"
+                " SELECT 'c' || (i % 100), 0, 30, 0, 0, '', 'text/plain', 'x', 0, 0,"
+                " CASE WHEN i % 50 = 0 THEN i END, 0 FROM generate_series(1, 60000) AS i"
+            )
+            await conn.exec_driver_sql("ANALYZE messages")
+        storage = Storage(engine, time.time)
+        now = int(time.time() * 1000)
+        sweep = storage.messages._sweep_discarded
+        dead = LedgerStatements(storage.driver).dead
+        for stmt, params in ((sweep, {"now": now}), (dead, {"now": now, "channel": "c7"})):
+            plan = await _plan(engine, stmt.sql, stmt.args(params))
+            assert "ix_messages_dead_at_channel" in plan, plan
+            assert "Seq Scan on messages" not in plan, plan
     finally:
         async with engine.begin() as conn:
             await conn.exec_driver_sql("TRUNCATE messages")

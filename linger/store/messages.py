@@ -83,15 +83,15 @@ def _touch_stmt() -> sa.ClauseElement:
     )
 
 
-def _sweep_stmts() -> tuple[sa.ClauseElement, sa.ClauseElement]:
+def _sweep_stmts(postgres: bool) -> tuple[sa.ClauseElement, sa.ClauseElement]:
     """Delete a batch of messages past their retention, and a batch of the others that
     are dead (their delivery limit used up): (retention, discarded)."""
     now = param("now")
     expired = sa.and_(
         m.c.dead_at <= now, m.c.linger > 0, m.c.created_at + ms_sql(m.c.linger) <= now
     )
-    retention = sa.delete(m).where(in_batch(expired, m.c.dead_at))
-    discarded = sa.delete(m).where(in_batch(m.c.dead_at <= now, m.c.dead_at))
+    retention = sa.delete(m).where(in_batch(expired, m.c.dead_at, postgres=postgres))
+    discarded = sa.delete(m).where(in_batch(m.c.dead_at <= now, m.c.dead_at, postgres=postgres))
     return (
         retention.returning(m.c.channel, m.c.body_id),
         discarded.returning(m.c.channel, m.c.body_id),
@@ -124,7 +124,9 @@ class Messages:
         self._exists = prepare(sa.select(m.c.id).where(m.c.id == param("id"), alive(now_)))
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
         self._drain = prepare(
-            sa.delete(m).where(in_batch(in_channel, m.c.priority, m.c.id)).returning(m.c.body_id)
+            sa.delete(m)
+            .where(in_batch(in_channel, m.c.priority, m.c.id, postgres=driver.postgres))
+            .returning(m.c.body_id)
         )
         self._left = prepare(sa.select(m.c.id).where(in_channel).limit(1))
         self._last_id = prepare(sa.select(sa.func.coalesce(sa.func.max(m.c.id), 0)))
@@ -133,7 +135,7 @@ class Messages:
         self._stats = prepare(
             sa.select(ready, hidden).where(m.c.channel == param("channel", sa.String), alive(now_))
         )
-        self._sweep_retention, self._sweep_discarded = map(prepare, _sweep_stmts())
+        self._sweep_retention, self._sweep_discarded = map(prepare, _sweep_stmts(driver.postgres))
         self._sweep_channels = prepare(
             sa.delete(channels)
             .where(

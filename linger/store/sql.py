@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from linger.store.db import messages
 
@@ -44,10 +45,12 @@ def alive(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
     return sa.or_(m.c.dead_at.is_(None), m.c.dead_at > now)
 
 
-def in_batch(where: sa.ColumnElement[bool], *order: Any) -> sa.ColumnElement[bool]:
-    """``id IN`` at most ``BATCH`` rows matching ``where`` that no other transaction has
+def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.ColumnElement[bool]:
+    """The ids of at most ``BATCH`` rows matching ``where`` that no other transaction has
     locked (PostgreSQL's SKIP LOCKED; SQLite has one writer): a bounded statement that
-    never waits for a lock, so it can neither stall nor deadlock."""
+    never waits for a lock, so it can neither stall nor deadlock. On PostgreSQL the ids
+    come as an array, which the planner looks up in the primary key (``IN (SELECT ...)``
+    may make it hash-join a scan of the whole table)."""
     chosen = (
         sa.select(m.c.id)
         .where(where)
@@ -55,7 +58,11 @@ def in_batch(where: sa.ColumnElement[bool], *order: Any) -> sa.ColumnElement[boo
         .limit(BATCH)
         .with_for_update(skip_locked=True)
     )
-    return m.c.id.in_(chosen)
+    if not postgres:
+        return m.c.id.in_(chosen)
+    ids = sa.select(sa.func.array_agg(chosen.subquery().c.id)).scalar_subquery()
+    # The cast makes it an array expression, not ANY's subquery form.
+    return m.c.id == sa.any_(sa.cast(ids, postgresql.ARRAY(sa.BigInteger)))
 
 
 MESSAGE_COLUMNS = (
