@@ -78,6 +78,18 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
     ("max-size", _bounded_int(1, 2**31), _DEFAULTS.max_size, "largest message in bytes"),
     ("poll-max", _seconds, _DEFAULTS.poll_max, "longest long-poll in seconds, then 204"),
     (
+        "max-batch",
+        _bounded_int(1, 100_000),
+        _DEFAULTS.max_batch,
+        "most messages in one batch request (and in one peek)",
+    ),
+    (
+        "max-batch-bytes",
+        _bounded_int(1024, 2**31),
+        _DEFAULTS.max_batch_bytes,
+        "largest body of a batch request in bytes",
+    ),
+    (
         "max-waiters",
         _bounded_int(1, 10_000_000),
         _DEFAULTS.max_waiters,

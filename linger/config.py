@@ -33,6 +33,8 @@ class Settings:
     max_connections: int = 0
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    max_batch: int = 1000
+    max_batch_bytes: int = 16 * 1024 * 1024
 
     @property
     def in_memory(self) -> bool:

@@ -38,6 +38,14 @@ class NotHidden(LingerError):
     """Message is not hidden."""
 
 
+class InvalidLease(InvalidParameter):
+    """Invalid lease."""
+
+
+class LeaseStale(LingerError):
+    """Lease is stale."""
+
+
 class ChannelFull(LingerError):
     """Channel is at the high-level mark."""
 

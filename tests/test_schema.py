@@ -70,7 +70,7 @@ async def test_upgrade_matches_the_tables_and_downgrade_removes_them(fresh_url: 
 
 
 @pytest.mark.postgres
-async def test_claim_plan_follows_the_index_without_sorting(postgres_url: str) -> None:
+async def test_claim_plan_reads_the_queue_in_order_and_only_due_parked_rows(postgres_url: str) -> None:
     engine = db.create_engine(postgres_url)
     try:
         async with engine.begin() as conn:
@@ -83,13 +83,15 @@ async def test_claim_plan_follows_the_index_without_sorting(postgres_url: str) -
             )
             await conn.exec_driver_sql("ANALYZE messages")
         claim = Storage(engine, time.time).messages._claim
-        args = claim.args({"channel": "c7", "now": int(time.time() * 1000)})
+        args = claim.args({"channel": "c7", "now": int(time.time() * 1000), "n": 1, "nonce": 1})
         async with engine.connect() as conn:
             raw = (await conn.get_raw_connection()).driver_connection
             assert raw is not None
             plan = "\n".join(r[0] for r in await raw.fetch("EXPLAIN " + claim.sql, *args))
-        assert "ix_messages_channel_priority_id" in plan, plan
-        assert "Sort" not in plan, plan
+        # The queue is read in order (no sort of the channel), the parked ones only where
+        # they are due; the messages themselves by primary key.
+        assert "Index Scan using ix_messages_queue" in plan, plan
+        assert "Index Scan using ix_messages_parked" in plan, plan
         assert "Seq Scan" not in plan, plan
     finally:
         async with engine.begin() as conn:
@@ -119,7 +121,7 @@ async def test_sweep_and_mark_read_only_the_rows_that_can_die(postgres_url: str)
             await conn.exec_driver_sql("ANALYZE messages")
         storage = Storage(engine, time.time)
         now = int(time.time() * 1000)
-        sweep = storage.messages._sweep_discarded
+        sweep = storage.sweeper._stmts["discard"]
         dead = LedgerStatements(storage.driver).dead
         for stmt, params in ((sweep, {"now": now}), (dead, {"now": now, "channel": "c7"})):
             plan = await _plan(engine, stmt.sql, stmt.args(params))

@@ -45,6 +45,10 @@ _COUNTERS = (
     "subscription-add",
     "subscription-delete",
     "msg-touch",
+    "msg-release",
+    "msg-reject",
+    "msg-dead",
+    "msg-redriven",
 )
 
 

@@ -19,7 +19,7 @@ from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from linger import errors
-from linger.http import server
+from linger.http import params, server
 from linger.http.keys import SETTINGS
 from linger.http.responses import error_response
 
@@ -249,7 +249,7 @@ async def _message_body(request: web.Request) -> Body:
 
 async def option_values(request: web.Request) -> dict[str, str]:
     """Option values from the query string and a form body (the form wins)."""
-    values = dict(request.query.items())
+    values = params.query(request)
     if request.body_exists and is_form(request):
         values.update((await within_deadline(request, _read_form(request, FORM_OVERHEAD)))[1])
     return values

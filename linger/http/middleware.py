@@ -16,6 +16,7 @@ _STATUS: dict[type[errors.LingerError], int] = {
     errors.InvalidParameter: 400,
     errors.NotFound: 404,
     errors.NotHidden: 409,
+    errors.LeaseStale: 409,
     errors.MessageTooLarge: 413,
     errors.UnsupportedEncoding: 415,
     errors.RequestTimeout: 408,

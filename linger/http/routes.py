@@ -6,14 +6,15 @@ from aiohttp import web
 
 from linger.http import bodies
 from linger.http.admin import get_openapi, get_root, get_stats
+from linger.http.deadletters import redrive
+from linger.http.leases import delete_message, reject_message, release_message, touch_message
 from linger.http.messages import (
     delete_channel,
-    delete_message,
     get_channel_stats,
     get_message,
     list_channels,
+    peek_messages,
     post_message,
-    touch_message,
 )
 from linger.http.topics import (
     delete_subscription,
@@ -37,6 +38,8 @@ ROUTES = [
     web.delete(_CHANNEL, delete_channel, name="delete_channel"),
     web.get(_CHANNEL + "/stats", get_channel_stats, name="channel_stats", allow_head=False),
     web.get(_CHANNEL + "/topics", get_channel_topics, name="channel_topics", allow_head=False),
+    web.get(_CHANNEL + "/peek", peek_messages, name="peek", allow_head=False),
+    web.post(_CHANNEL + "/redrive", redrive, name="redrive"),
     web.put(
         _CHANNEL + "/topics/" + _TOPIC,
         put_subscription,
@@ -54,6 +57,8 @@ ROUTES = [
     ),
     web.delete("/messages/{id:[0-9]+}", delete_message, name="delete_message"),
     web.post("/messages/{id:[0-9]+}/touch", touch_message, name="touch_message"),
+    web.post("/messages/{id:[0-9]+}/release", release_message, name="release_message"),
+    web.post("/messages/{id:[0-9]+}/reject", reject_message, name="reject_message"),
     web.get("/stats", get_stats, name="stats", allow_head=False),
     web.get("/openapi.json", get_openapi, name="openapi", allow_head=False),
 ]

@@ -15,7 +15,7 @@ async def get_channel_topics(request: web.Request) -> web.Response:
 
 async def put_subscription(request: web.Request) -> web.Response:
     channel, topic = params.channel(request), params.topic(request, 4)
-    options = params.options(await bodies.option_values(request))
+    options = params.options(await bodies.option_values(request), channel)
     broker = broker_of(request)
     await broker.storage.topics.subscribe(channel, topic, options)
     broker.counters["subscription-add"] += 1

@@ -79,9 +79,9 @@ class Broker:
         if not alive():
             return None
         if wait <= 0:
-            return self._delivered(await self.storage.messages.claim(channel))
+            return self._delivered(await self.storage.messages.claim_one(channel))
         if self.notifier.count() >= self.max_waiters:
-            message = await self.storage.messages.claim(channel)
+            message = await self.storage.messages.claim_one(channel)
             if message is None:
                 raise errors.Overloaded()
             return self._delivered(message)
@@ -124,7 +124,7 @@ class Broker:
 
     async def _claim_while_waiting(self, channel: str) -> Message | None:
         try:
-            return await self.storage.messages.claim(channel, listed=True)
+            return await self.storage.messages.claim_one(channel, listed=True)
         except errors.Unavailable as error:
             logger.warning("long-poll on %r: %s; waiting on", channel, error)
             return None
@@ -179,10 +179,41 @@ class Broker:
                 until = next_visible - self.storage.now() / 1000 + _VISIBLE_SLACK
                 delay = max(0.0, min(delay, until))
 
+    async def release(self, message_id: int, lease: int | None, delay: int) -> None:
+        """Give a delivered message back (ready now, or after ``delay`` s) and wake a
+        consumer of its channel when it is ready now."""
+        channel = await self.storage.leases.release(message_id, lease, delay)
+        self.counters["msg-release"] += 1
+        if channel is not None:
+            self.notifier.notify(channel)
+
+    async def reject(self, message_id: int, lease: int | None) -> None:
+        """Move a delivered message to its dead channel now (or discard it) and wake a
+        consumer of that channel."""
+        dead = await self.storage.leases.reject(message_id, lease)
+        self.counters["msg-reject"] += 1
+        if dead is None:
+            self.counters["msg-discarded"] += 1
+            return
+        self.counters["msg-dead"] += 1
+        self.notifier.notify(dead)
+
+    async def redrive(self, channel: str, to: str | None, limit: int | None) -> int:
+        """Send dead letters of ``channel`` back; wake consumers where they went."""
+        moved = await self.storage.dead_letters.redrive(channel, to, limit)
+        for target, count in moved.items():
+            self.notifier.notify(target, count)
+        total = sum(moved.values())
+        self.counters["msg-redriven"] += total
+        return total
+
     async def sweep(self) -> None:
-        retention, discarded = await self.storage.messages.sweep()
-        self.counters["msg-retention"] += retention
-        self.counters["msg-discarded"] += discarded
+        swept = await self.storage.sweeper.sweep()
+        self.counters["msg-retention"] += swept.retention
+        self.counters["msg-discarded"] += swept.discarded
+        self.counters["msg-dead"] += swept.dead
+        for channel in swept.dead_channels:
+            self.notifier.notify(channel)
 
     async def run_sweeper(self, interval: float) -> None:
         """Delete expired messages every ``interval`` seconds; a failed sweep is logged

@@ -51,21 +51,49 @@ messages = sa.Table(
     sa.Column("content_type", sa.Text, nullable=False),
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
-    # Ready when visible_at <= now; hidden (delivered, in its visibility timeout) otherwise.
+    # 0: queued, ready. Otherwise the message is parked: delivered (leased) or delayed, and
+    # ready again from visible_at on. The state is always visible_at compared with the
+    # clock; the sweeper puts parked messages that are due back to 0 only to keep the
+    # claim's second look (at parked messages that are due) short.
     sa.Column("visible_at", sa.BigInteger, nullable=False),
     # Not deliverable, counted or deletable from dead_at on: the retention end, or the end
-    # of the last allowed delivery's timeout. NULL: never. The sweeper deletes dead rows.
+    # of the last allowed delivery's timeout. NULL: never. The sweeper deletes dead rows
+    # (or moves them to their dead channel).
     sa.Column("dead_at", sa.BigInteger, nullable=True),
     sa.Column("deliveries", sa.BigInteger, nullable=False),
     # A body published to many channels is stored once, in ``bodies``; such a copy's own
     # body is empty.
     sa.Column("body_id", sa.BigInteger, nullable=True),
-    # The claim orders by (priority, id) within a channel: this index yields rows in that
-    # order, so a claim reads the hidden messages at the head of the channel and one more
-    # row, whatever the depth of this and other channels. visible_at is left out on
-    # purpose: a claim or touch then changes no indexed column, and PostgreSQL updates the
-    # row in place (HOT) instead of adding index entries on every delivery.
-    sa.Index(None, "channel", "priority", "id"),
+    # The current lease: set by each delivery, cleared by a release or a move. A lease
+    # token names the message and this value.
+    sa.Column("lease", sa.BigInteger, nullable=True),
+    # The dead-letter channel (option ``dead``).
+    sa.Column("dead", sa.String(NAME_LENGTH), nullable=True),
+    # A dead letter: where it died, why ("deliveries" or "rejected"), and the options that
+    # do not apply in a dead channel (no delivery limit, no retention) for a redrive.
+    sa.Column("dead_from", sa.String(NAME_LENGTH), nullable=True),
+    sa.Column("dead_reason", sa.String(16), nullable=True),
+    sa.Column("origin_deliver", sa.BigInteger, nullable=True),
+    sa.Column("origin_linger", sa.BigInteger, nullable=True),
+    # The claim reads the first queued message in (priority, id) order from here: parked
+    # messages are not in it, so however many are in flight, a claim reads one entry.
+    sa.Index(
+        "ix_messages_queue",
+        "channel",
+        "priority",
+        "id",
+        sqlite_where=sa.text("visible_at = 0"),
+        postgresql_where=sa.text("visible_at = 0"),
+    ),
+    # Parked messages by the time they are due: the claim's second look (the few that are
+    # due now), the sweeper putting them back in the queue, the poller's next wake-up.
+    sa.Index(
+        "ix_messages_parked",
+        "visible_at",
+        "channel",
+        sqlite_where=sa.text("visible_at > 0"),
+        postgresql_where=sa.text("visible_at > 0"),
+    ),
     # The sweeper's range, and the dead rows of one channel that the high-level mark must
     # not count, both read from the index alone; only rows that can die are in it (most
     # messages have no retention and no delivery limit: their inserts skip this index).
@@ -77,8 +105,8 @@ messages = sa.Table(
         postgresql_where=sa.text("dead_at IS NOT NULL"),
     ),
     sqlite_autoincrement=True,
-    # Room on each page for those in-place updates, and vacuum that keeps up with a
-    # table whose rows live for seconds (the default waits for 20% of it to be dead).
+    # Room on each page for updates in place, and vacuum that keeps up with a table whose
+    # rows live for seconds (the default waits for 20% of it to be dead).
     postgresql_with={
         "fillfactor": 80,
         "autovacuum_vacuum_scale_factor": 0.0,
@@ -119,6 +147,8 @@ subscriptions = sa.Table(
     sa.Column("timeout", sa.BigInteger, nullable=False),
     sa.Column("deliver", sa.BigInteger, nullable=False),
     sa.Column("linger", sa.BigInteger, nullable=False),
+    sa.Column("delay", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("dead", sa.String(NAME_LENGTH), nullable=True),
     sa.Index(None, "channel"),
 )
 

@@ -154,6 +154,13 @@ class Tally:
         if body_id is not None:
             entries.refs[body_id] -= 1
 
+    def moved(self, source: str, target: str) -> None:
+        """A message moved from channel ``source`` to ``target`` (a dead letter, a
+        redrive): never refused by the mark, so that nothing is lost to it."""
+        entries = self._current()
+        entries.deltas[source] -= 1
+        entries.deltas[target] += 1
+
     def referenced(self, body_id: int, count: int) -> None:
         """``count`` new messages refer to shared body ``body_id``."""
         self._current().refs[body_id] += count

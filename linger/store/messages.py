@@ -1,4 +1,5 @@
-"""Message operations: add, claim, delete, touch, drain, per-channel counts and the sweep."""
+"""Message operations: add, claim, delete, drain, per-channel counts, peek, and the
+poller's look at the channels consumers wait on."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from linger import errors
-from linger.store.db import bodies, channels, messages
+from linger.store import leases
+from linger.store.db import bodies, messages
 from linger.store.driver import Driver, Operation, Prepared, Row, single
-from linger.store.ledger import Tally, unnoted
-from linger.store.records import Message, Options
+from linger.store.ledger import Tally
+from linger.store.records import Detail, Message, Options
 from linger.store.sql import (
     BATCH,
     INSERT_TYPES,
@@ -21,10 +23,17 @@ from linger.store.sql import (
     READY,
     alive,
     announced,
+    dead_after,
+    delayed,
+    first_ready,
+    ids_in,
     in_batch,
+    leased,
     ms,
     ms_sql,
     param,
+    parked,
+    queued,
 )
 
 m = messages
@@ -32,69 +41,73 @@ m = messages
 POLLED_TTL_MS = 180_000
 # How long a drain waits before it looks again for rows that a transaction in flight held.
 _DRAIN_RETRY = 0.005
+STATES = ("ready", "hidden", "delayed")
 
 
-def _dead_after(deliveries: sa.ColumnElement[int], visible_at: sa.ColumnElement[int]) -> Any:
-    """dead_at once a message has had ``deliveries``: the end of the last allowed
-    delivery's timeout (``visible_at``) or the retention end, whichever is first."""
-    retention_end = m.c.created_at + ms_sql(m.c.linger)
-    last_end = sa.case(
-        (sa.and_(m.c.linger > 0, retention_end < visible_at), retention_end), else_=visible_at
-    )
-    exhausted = sa.and_(m.c.deliver > 0, deliveries >= m.c.deliver)
-    return sa.case((exhausted, last_end), else_=m.c.dead_at)
-
-
-def _claim_stmt() -> sa.ClauseElement:
-    """Claim the first ready live message of :channel in (priority, id) order: hide it for
-    its timeout and count the delivery. SKIP LOCKED (PostgreSQL) lets concurrent claims
-    pass each other; SQLite serialises writers."""
+def _claim_stmt(postgres: bool) -> sa.ClauseElement:
+    """Claim up to :n ready live messages of :channel in delivery order: lease each (one
+    :lease value per claim, the token adds the id), hide it for its timeout and count the
+    delivery."""
     now = param("now")
-    first = (
-        sa.select(m.c.id)
-        .where(m.c.channel == param("channel", sa.String), m.c.visible_at <= now, alive(now))
-        .order_by(m.c.priority, m.c.id)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
     visible_at = now + ms_sql(m.c.timeout)
+    chosen = first_ready(param("channel", sa.String), now, param("n"))
     return (
         sa.update(m)
-        .where(m.c.id == first)
+        .where(ids_in(chosen, postgres=postgres))
         .values(
             visible_at=visible_at,
             deliveries=m.c.deliveries + 1,
-            dead_at=_dead_after(m.c.deliveries + 1, visible_at),
+            lease=param("nonce"),
+            dead_at=dead_after(m.c.deliveries + 1, visible_at),
         )
-        .returning(*MESSAGE_COLUMNS, m.c.body_id)
+        .returning(*MESSAGE_COLUMNS)
     )
 
 
-def _touch_stmt() -> sa.ClauseElement:
-    """Restart the visibility timeout of hidden live message :id."""
+def _peek_stmt(state: str) -> sa.ClauseElement:
+    """Up to :n messages of :channel in ``state``, in delivery order, unchanged."""
     now = param("now")
-    visible_at = now + ms_sql(m.c.timeout)
-    return (
-        sa.update(m)
-        .where(m.c.id == param("id"), m.c.visible_at > now, alive(now))
-        .values(visible_at=visible_at, dead_at=_dead_after(m.c.deliveries, visible_at))
-        .returning(m.c.id)
-    )
+    channel = param("channel", sa.String)
+    if state == "ready":
+        ids = first_ready(channel, now, param("n"), lock=False).subquery()
+        where: sa.ColumnElement[bool] = m.c.id.in_(sa.select(ids.c.id))
+    else:
+        held = leased(now) if state == "hidden" else delayed(now)
+        where = sa.and_(m.c.channel == channel, parked(), held, alive(now))
+    return sa.select(*MESSAGE_COLUMNS).where(where).order_by(m.c.priority, m.c.id).limit(param("n"))
 
 
-def _sweep_stmts(postgres: bool) -> tuple[sa.ClauseElement, sa.ClauseElement]:
-    """Delete a batch of messages past their retention, and a batch of the others that
-    are dead (their delivery limit used up): (retention, discarded)."""
+def _detail_stmt() -> sa.ClauseElement:
+    """(queued, due, leased, delayed, oldest ready created_at) of :channel's live rows."""
     now = param("now")
-    expired = sa.and_(
-        m.c.dead_at <= now, m.c.linger > 0, m.c.created_at + ms_sql(m.c.linger) <= now
+    channel = m.c.channel == param("channel", sa.String)
+
+    def count(condition: sa.ColumnElement[bool]) -> Any:
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+    in_queue = (
+        sa.select(sa.func.count().label("n"), sa.func.min(m.c.created_at).label("oldest"))
+        .where(channel, queued(), alive(now))
+        .subquery()
     )
-    retention = sa.delete(m).where(in_batch(expired, m.c.dead_at, postgres=postgres))
-    discarded = sa.delete(m).where(in_batch(m.c.dead_at <= now, m.c.dead_at, postgres=postgres))
-    return (
-        retention.returning(m.c.channel, m.c.body_id),
-        discarded.returning(m.c.channel, m.c.body_id),
+    due = m.c.visible_at <= now
+    in_parked = (
+        sa.select(
+            count(due).label("due"),
+            count(leased(now)).label("leased"),
+            count(delayed(now)).label("delayed"),
+            sa.func.min(sa.case((due, m.c.created_at))).label("oldest"),
+        )
+        .where(channel, parked(), alive(now))
+        .subquery()
+    )
+    return sa.select(
+        in_queue.c.n,
+        in_parked.c.due,
+        in_parked.c.leased,
+        in_parked.c.delayed,
+        in_queue.c.oldest,
+        in_parked.c.oldest,
     )
 
 
@@ -105,49 +118,37 @@ class Messages:
         self._driver = driver
         self.now = now
         self.origin = origin
+        postgres = driver.postgres
         prepare = driver.prepare
-        self._add = prepare(
-            announced(
-                sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()}),
-                postgres=driver.postgres,
-            )
-        )
-        self._claim = prepare(_claim_stmt())
+        insert = sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
+        self._add = prepare(announced(insert, postgres=postgres))
+        self._claim = prepare(_claim_stmt(postgres))
         self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
         now_ = param("now")
         self._delete = prepare(
             sa.delete(m)
-            .where(m.c.id == param("id"), alive(now_))
+            .where(m.c.id == param("id"), alive(now_), leases.presented())
             .returning(m.c.channel, m.c.body_id)
         )
-        self._touch = prepare(_touch_stmt())
-        self._exists = prepare(sa.select(m.c.id).where(m.c.id == param("id"), alive(now_)))
+        self._explain = prepare(leases.explain_stmt())
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
-        self._drain = prepare(
-            sa.delete(m)
-            .where(in_batch(in_channel, m.c.priority, m.c.id, postgres=driver.postgres))
-            .returning(m.c.body_id)
-        )
+        self._drain = [
+            prepare(
+                sa.delete(m)
+                .where(in_batch(sa.and_(in_channel, part), m.c.id, postgres=postgres))
+                .returning(m.c.body_id)
+            )
+            for part in (queued(), parked())
+        ]
         self._left = prepare(sa.select(m.c.id).where(in_channel).limit(1))
         self._last_id = prepare(sa.select(sa.func.coalesce(sa.func.max(m.c.id), 0)))
-        ready = sa.func.coalesce(sa.func.sum(sa.case((m.c.visible_at <= now_, 1), else_=0)), 0)
-        hidden = sa.func.coalesce(sa.func.sum(sa.case((m.c.visible_at > now_, 1), else_=0)), 0)
-        self._stats = prepare(
-            sa.select(ready, hidden).where(m.c.channel == param("channel", sa.String), alive(now_))
+        self._detail = prepare(_detail_stmt())
+        self._dead_from = prepare(
+            sa.select(m.c.dead_from)
+            .where(m.c.channel == param("channel", sa.String), m.c.dead_from.is_not(None))
+            .distinct()
         )
-        self._sweep_retention, self._sweep_discarded = map(prepare, _sweep_stmts(driver.postgres))
-        self._sweep_channels = prepare(
-            sa.delete(channels)
-            .where(
-                channels.c.name.in_(
-                    sa.select(channels.c.name)
-                    .where(channels.c.messages == 0, channels.c.polled_at <= param("cutoff"))
-                    .limit(BATCH)
-                    .with_for_update(skip_locked=True)
-                )
-            )
-            .returning(channels.c.name)
-        )
+        self._peek = {state: prepare(_peek_stmt(state)) for state in STATES}
 
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
         return await self._driver.read(partial(single, stmt, params))
@@ -155,8 +156,8 @@ class Messages:
     async def add(
         self, channel: str, body: bytes, content_type: str, options: Options, hlm: int = 0
     ) -> int:
-        """Store a ready message and return its id; raise ``ChannelFull`` when the channel
-        already holds ``hlm`` (> 0) live messages."""
+        """Store a message (ready, or delayed by ``options.delay``) and return its id;
+        raise ``ChannelFull`` when the channel already holds ``hlm`` (> 0) live messages."""
         now = self.now()
         params = {
             "channel": channel,
@@ -168,8 +169,9 @@ class Messages:
             "content_type": content_type,
             "body": body,
             "body_id": None,
+            "dead": options.dead,
             "created_at": now,
-            "visible_at": READY,
+            "visible_at": now + ms(options.delay) if options.delay > 0 else READY,
             "deliveries": 0,
             "origin": self.origin,
             "dead_at": now + ms(options.linger) if options.linger > 0 else None,
@@ -189,10 +191,11 @@ class Messages:
         ledger.added(channel, message_id, hlm=hlm, refuse=refuse)
         return message_id
 
-    async def claim(self, channel: str, *, listed: bool = False) -> Message | None:
-        """Deliver the next ready message of ``channel``, or None when there is none; with
-        ``listed``, a consumer long-polls the channel: list it for 180 s from now."""
-        params = {"channel": channel, "now": self.now()}
+    async def claim(self, channel: str, n: int = 1, *, listed: bool = False) -> list[Message]:
+        """Deliver up to ``n`` ready messages of ``channel`` in delivery order, each with a
+        lease of its own; with ``listed``, a consumer long-polls the channel: list it for
+        180 s from now."""
+        params = {"channel": channel, "now": self.now(), "n": n, "nonce": leases.new_nonce()}
         # The claim is one statement; the listing mark is independent of it.
         return await self._driver.write(
             partial(self._claim_operation, params, listed), atomic=False
@@ -200,25 +203,36 @@ class Messages:
 
     def _claim_operation(
         self, params: dict[str, Any], listed: bool, ledger: Tally
-    ) -> Operation[Message | None]:
+    ) -> Operation[list[Message]]:
         rows = yield self._claim, params
         if listed:
             ledger.polled(params["channel"], params["now"])
-        if not rows:
-            return None
-        *columns, body_id = rows[0]
-        if body_id is not None:
-            columns[2] = (yield self._body, {"id": body_id})[0][0]
-        return Message(*columns)
+        claimed = []
+        for row in sorted(rows, key=lambda row: (row[4], row[0])):  # (priority, id)
+            body = yield from self._shared_body(row)
+            claimed.append(_message(row, body, leases.token(int(row[0]), params["nonce"])))
+        return claimed
+
+    def _shared_body(self, row: Row) -> Operation[bytes]:
+        """The body of ``row`` (MESSAGE_COLUMNS), read from ``bodies`` when shared."""
+        if row[-1] is None:
+            return bytes(row[2])
+        return bytes((yield self._body, {"id": row[-1]})[0][0])
+
+    async def claim_one(self, channel: str, *, listed: bool = False) -> Message | None:
+        """Deliver the next ready message of ``channel``, or None."""
+        claimed = await self.claim(channel, 1, listed=listed)
+        return claimed[0] if claimed else None
 
     async def polled(self, channel: str) -> None:
         """A consumer long-polls ``channel``, or stopped now: list it for 180 s from now."""
         until = self.now()
         await self._driver.write(lambda ledger: _note_polled(ledger, channel, until), atomic=False)
 
-    async def delete(self, message_id: int) -> None:
-        """Delete a live message in any state; raise ``NotFound`` otherwise."""
-        params = {"id": message_id, "now": self.now()}
+    async def delete(self, message_id: int, lease: int | None = None) -> None:
+        """Delete a live message in any state (with ``lease``: only while that lease is
+        current, else ``LeaseStale``); raise ``NotFound`` when there is none."""
+        params = {"id": message_id, "now": self.now(), "nonce": lease}
         await self._driver.write(
             partial(self._delete_operation, params), key=("message", message_id)
         )
@@ -226,22 +240,8 @@ class Messages:
     def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
         rows = yield self._delete, params
         if not rows:
-            raise errors.NotFound()
+            leases.raise_for((yield self._explain, params), params["nonce"])
         ledger.removed(rows[0][0], rows[0][1])
-
-    async def touch(self, message_id: int) -> None:
-        """Restart the visibility timeout of a hidden message."""
-        params = {"id": message_id, "now": self.now()}
-        # Only the first statement writes; the second explains why it did not.
-        touch = partial(self._touch_operation, params)
-        await self._driver.write(touch, atomic=False, key=("message", message_id))
-
-    def _touch_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
-        if (yield self._touch, params):
-            return
-        if (yield self._exists, params):
-            raise errors.NotHidden()
-        raise errors.NotFound()
 
     async def drain(self, channel: str) -> int:
         """Delete every message ``channel`` held when the drain began, in batches (each a
@@ -251,64 +251,104 @@ class Messages:
         params = {"channel": channel, "last": int(last)}
         drained = 0
         while True:
-            count = await self._driver.write(partial(self._drain_operation, params), alone=True)
+            count, full = await self._driver.write(
+                partial(self._drain_operation, params), alone=True
+            )
             drained += count
-            if count == BATCH:
+            if full:
                 continue
             if not await self._read(self._left, **params):
                 return drained
             await asyncio.sleep(_DRAIN_RETRY)
 
-    def _drain_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[int]:
-        rows = yield self._drain, params
-        for (body_id,) in rows:
-            ledger.removed(params["channel"], body_id)
-        return len(rows)
+    def _drain_operation(
+        self, params: dict[str, Any], ledger: Tally
+    ) -> Operation[tuple[int, bool]]:
+        count, full = 0, False
+        for stmt in self._drain:
+            rows = yield stmt, params
+            for (body_id,) in rows:
+                ledger.removed(params["channel"], body_id)
+            count += len(rows)
+            full = full or len(rows) == BATCH
+        return count, full
+
+    async def detail(self, channel: str) -> Detail:
+        """``channel``'s counts by state, oldest ready age and dead-letter origins."""
+        now = self.now()
+        row = (await self._read(self._detail, channel=channel, now=now))[0]
+        queued, due, hidden, waiting, oldest_queued, oldest_due = row
+        oldest = min((t for t in (oldest_queued, oldest_due) if t is not None), default=None)
+        age = 0 if oldest is None else max(0, now - int(oldest)) // 1000
+        origins = sorted(r[0] for r in await self._read(self._dead_from, channel=channel))
+        return Detail(int(queued) + int(due), int(hidden), int(waiting), age, origins)
 
     async def channel_stats(self, channel: str) -> tuple[int, int]:
-        """(ready, hidden) live messages of ``channel``."""
-        rows = await self._read(self._stats, channel=channel, now=self.now())
-        return int(rows[0][0]), int(rows[0][1])
+        """(ready, hidden) live messages of ``channel``; hidden counts delayed ones too."""
+        row = (await self._read(self._detail, channel=channel, now=self.now()))[0]
+        return int(row[0]) + int(row[1]), int(row[2]) + int(row[3])
+
+    async def peek(self, channel: str, state: str, n: int) -> list[Message]:
+        """Up to ``n`` messages of ``channel`` in ``state``, in delivery order, without
+        leasing or counting anything."""
+        params = {"channel": channel, "now": self.now(), "n": n}
+        return await self._driver.read(partial(self._peek_operation, self._peek[state], params))
+
+    def _peek_operation(self, stmt: Prepared, params: dict[str, Any]) -> Operation[list[Message]]:
+        found = []
+        for row in (yield stmt, params):
+            found.append(_message(row, (yield from self._shared_body(row))))
+        return found
 
     async def readiness(self, names: Iterable[str]) -> dict[str, tuple[int, int | None]]:
         """For each of ``names`` with live messages: (how many are ready, when the next
-        hidden one becomes visible, in clock milliseconds, or None)."""
+        parked one becomes visible, in clock milliseconds, or None)."""
         now = sa.bindparam("now", self.now(), type_=sa.BigInteger)
-        ready = sa.func.sum(sa.case((m.c.visible_at <= now, 1), else_=0))
-        next_visible = sa.func.min(sa.case((m.c.visible_at > now, m.c.visible_at)))
-        stmt = (
-            sa.select(m.c.channel, ready, next_visible)
-            .where(m.c.channel.in_(list(names)), alive(now))
+        listed = list(names)
+        in_names = m.c.channel.in_(listed)
+        counts: dict[str, int] = {}
+        for part in (queued(), sa.and_(parked(), m.c.visible_at <= now)):
+            ready = (
+                sa.select(m.c.channel, sa.func.count())
+                .where(in_names, part, alive(now))
+                .group_by(m.c.channel)
+            )
+            for channel, count in await self._read(self._driver.prepare(ready)):
+                counts[channel] = counts.get(channel, 0) + int(count)
+        # The next visible_at of the parked, read from their index (the dead ones
+        # included: an early look costs one more claim, no more).
+        upcoming = (
+            sa.select(m.c.channel, sa.func.min(m.c.visible_at))
+            .where(m.c.visible_at > now, in_names)
             .group_by(m.c.channel)
         )
-        rows = await self._read(self._driver.prepare(stmt))
-        return {row[0]: (int(row[1]), None if row[2] is None else int(row[2])) for row in rows}
+        soonest = {row[0]: int(row[1]) for row in await self._read(self._driver.prepare(upcoming))}
+        return {
+            channel: (counts.get(channel, 0), soonest.get(channel))
+            for channel in counts.keys() | soonest.keys()
+        }
 
-    async def sweep(self) -> tuple[int, int]:
-        """Delete messages past their retention or their delivery limit, and forget
-        channels not long-polled for 180 s that hold nothing, in batches; return
-        (retention, discarded) counts."""
-        now = self.now()
-        counts = []
-        for stmt in (self._sweep_retention, self._sweep_discarded):
-            swept = 0
-            while True:
-                sweep = partial(self._sweep_operation, stmt, now)
-                count = await self._driver.write(sweep, alone=True)
-                swept += count
-                if count < BATCH:
-                    break
-            counts.append(swept)
-        forget = partial(unnoted, self._sweep_channels, {"cutoff": now - POLLED_TTL_MS})
-        while len(await self._driver.write(forget, alone=True)) == BATCH:
-            pass
-        return counts[0], counts[1]
 
-    def _sweep_operation(self, stmt: Prepared, now: int, ledger: Tally) -> Operation[int]:
-        rows = yield stmt, {"now": now}
-        for channel, body_id in rows:
-            ledger.removed(channel, body_id)
-        return len(rows)
+def _message(row: Row, body: bytes, lease: str | None = None) -> Message:
+    """A ``Message`` from a row of MESSAGE_COLUMNS."""
+    message_id, channel, _stored, content_type, priority, timeout, deliver, *rest = row
+    deliveries, linger, topic, created_at, dead_from, dead_reason, _body_id = rest
+    return Message(
+        int(message_id),
+        channel,
+        body,
+        content_type,
+        int(priority),
+        int(timeout),
+        int(deliver),
+        int(deliveries),
+        int(linger),
+        topic,
+        int(created_at),
+        dead_from,
+        dead_reason,
+        lease,
+    )
 
 
 def _note_polled(ledger: Tally, channel: str, until: int) -> Operation[None]:

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Options:
-    """Per-message options: priority, visibility timeout, delivery limit, retention."""
+    """Per-message options: priority, visibility timeout, delivery limit, retention,
+    delay before the first delivery, dead-letter channel."""
 
     priority: int = 0
     timeout: int = 30
     deliver: int = 0
     linger: int = 0
+    delay: int = 0
+    dead: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +31,10 @@ class Message:
     linger: int
     topic: str
     created_at: int
+    dead_from: str | None = None
+    dead_reason: str | None = None
+    # The lease token of the delivery that returned it; None when only looked at (peek).
+    lease: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,3 +44,15 @@ class Totals:
     hidden: int
     urgent: int
     niced: int
+
+
+@dataclass(frozen=True, slots=True)
+class Detail:
+    """A channel's counts by state (``hidden``: leased only), the age of its oldest ready
+    message (s), and the channels whose dead letters it holds."""
+
+    ready: int
+    hidden: int
+    delayed: int
+    oldest_ready_age: int
+    dead_from: list[str]

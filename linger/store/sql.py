@@ -17,6 +17,19 @@ READY = 0
 # Durations are capped (about 31,700 years) so that no time computed in SQL overflows.
 MAX_SECONDS = 10**12
 _MAX_SECONDS_SQL = sa.literal_column(str(MAX_SECONDS), sa.BigInteger)
+
+
+def queued() -> sa.ColumnElement[bool]:
+    """In the queue (ix_messages_queue): the literal matches the partial index's WHERE,
+    which a bound parameter would not (SQLite never, PostgreSQL not in a generic plan)."""
+    return m.c.visible_at == sa.literal_column("0", sa.BigInteger)
+
+
+def parked() -> sa.ColumnElement[bool]:
+    """Delivered or delayed (ix_messages_parked); a literal, as for ``queued``."""
+    return m.c.visible_at > sa.literal_column("0", sa.BigInteger)
+
+
 # Rows one statement of a sweep or a drain deletes at most: each batch is a short
 # transaction of its own, so that other writers are never held up for long.
 BATCH = 1000
@@ -45,19 +58,66 @@ def alive(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
     return sa.or_(m.c.dead_at.is_(None), m.c.dead_at > now)
 
 
-def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.ColumnElement[bool]:
-    """The ids of at most ``BATCH`` rows matching ``where`` that no other transaction has
-    locked (PostgreSQL's SKIP LOCKED; SQLite has one writer): a bounded statement that
-    never waits for a lock, so it can neither stall nor deadlock. On PostgreSQL the ids
-    come as an array, which the planner looks up in the primary key (``IN (SELECT ...)``
-    may make it hash-join a scan of the whole table)."""
-    chosen = (
-        sa.select(m.c.id)
-        .where(where)
-        .order_by(*order)
-        .limit(BATCH)
-        .with_for_update(skip_locked=True)
+def ready(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+    return m.c.visible_at <= now
+
+
+def leased(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+    """Hidden: delivered, its lease running."""
+    return sa.and_(m.c.visible_at > now, m.c.lease.is_not(None))
+
+
+def delayed(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+    """Not deliverable yet and not leased: a delay, or a release with one."""
+    return sa.and_(m.c.visible_at > now, m.c.lease.is_(None))
+
+
+def dead_after(deliveries: sa.ColumnElement[int], visible_at: sa.ColumnElement[int]) -> Any:
+    """dead_at once a message has had ``deliveries``: the end of the last allowed
+    delivery's timeout (``visible_at``) or the retention end, whichever is first."""
+    retention_end = m.c.created_at + ms_sql(m.c.linger)
+    last_end = sa.case(
+        (sa.and_(m.c.linger > 0, retention_end < visible_at), retention_end), else_=visible_at
     )
+    exhausted = sa.and_(m.c.deliver > 0, deliveries >= m.c.deliver)
+    return sa.case((exhausted, last_end), else_=m.c.dead_at)
+
+
+def first_ready(
+    channel: sa.ColumnElement[str],
+    now: sa.ColumnElement[int],
+    count: Any,
+    *,
+    where: sa.ColumnElement[bool] | None = None,
+    lock: bool = True,
+) -> sa.Select[Any]:
+    """The ids of up to ``count`` ready live messages of ``channel`` (and ``where``) in
+    delivery order ((priority, id)); with ``lock``, locked (SKIP LOCKED on PostgreSQL, so
+    that concurrent claims pass each other). Two looks, each reading about what it
+    returns: the queue (ix_messages_queue holds no parked message, so messages in flight
+    cost nothing) and the parked messages that are due now (the sweeper keeps those few)."""
+
+    def look(state: sa.ColumnElement[bool]) -> sa.Subquery:
+        chosen = (
+            sa.select(m.c.id, m.c.priority)
+            .where(m.c.channel == channel, state, alive(now), sa.true() if where is None else where)
+            .order_by(m.c.priority, m.c.id)
+            .limit(count)
+        )
+        return (chosen.with_for_update(skip_locked=True) if lock else chosen).subquery()
+
+    in_queue = look(queued())
+    due = look(sa.and_(parked(), m.c.visible_at <= now))
+    both = sa.union_all(
+        sa.select(in_queue.c.id, in_queue.c.priority), sa.select(due.c.id, due.c.priority)
+    ).subquery()
+    return sa.select(both.c.id).order_by(both.c.priority, both.c.id).limit(count)
+
+
+def ids_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]:
+    """``id`` among the ids ``chosen`` selects. On PostgreSQL as an array, which the
+    planner looks up in the primary key (``IN (SELECT ...)`` may make it hash-join a scan
+    of the whole table)."""
     if not postgres:
         return m.c.id.in_(chosen)
     ids = sa.select(sa.func.array_agg(chosen.subquery().c.id)).scalar_subquery()
@@ -65,6 +125,21 @@ def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.C
     return m.c.id == sa.any_(sa.cast(ids, postgresql.ARRAY(sa.BigInteger)))
 
 
+def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.ColumnElement[bool]:
+    """The ids of at most ``BATCH`` rows matching ``where`` that no other transaction has
+    locked (PostgreSQL's SKIP LOCKED; SQLite has one writer): a bounded statement that
+    never waits for a lock, so it can neither stall nor deadlock."""
+    chosen = (
+        sa.select(m.c.id)
+        .where(where)
+        .order_by(*order)
+        .limit(BATCH)
+        .with_for_update(skip_locked=True)
+    )
+    return ids_in(chosen, postgres=postgres)
+
+
+# The columns of a ``records.Message``, in its order, then body_id (a shared body to read).
 MESSAGE_COLUMNS = (
     m.c.id,
     m.c.channel,
@@ -77,6 +152,9 @@ MESSAGE_COLUMNS = (
     m.c.linger,
     m.c.topic,
     m.c.created_at,
+    m.c.dead_from,
+    m.c.dead_reason,
+    m.c.body_id,
 )
 INSERT_TYPES: dict[str, Any] = {
     "channel": sa.String,
@@ -88,6 +166,7 @@ INSERT_TYPES: dict[str, Any] = {
     "content_type": sa.Text,
     "body": sa.LargeBinary,
     "body_id": sa.BigInteger,
+    "dead": sa.String,
     "created_at": sa.BigInteger,
     "visible_at": sa.BigInteger,
     "dead_at": sa.BigInteger,
@@ -99,13 +178,15 @@ INSERT_TYPES: dict[str, Any] = {
 NOTIFY_CHANNEL = "linger"
 
 
-def announced(stmt: sa.Insert, *, postgres: bool) -> sa.ClauseElement:
-    """``stmt`` returning (channel, id) of each inserted message. On PostgreSQL it also
-    NOTIFYs every inserted message's channel, tagged with :origin (the process), in the
-    same statement: the notifications go out at commit, and a rollback sends none."""
-    stmt = stmt.returning(m.c.channel, m.c.id)
+def announced(stmt: Any, *columns: Any, postgres: bool) -> sa.ClauseElement:
+    """``stmt`` (an insert or update of messages) returning (channel, id, *columns) of
+    each message it made ready. On PostgreSQL it also NOTIFYs each one's channel, tagged
+    with :origin (the process), in the same statement: the notifications go out at
+    commit, and a rollback sends none."""
+    stmt = stmt.returning(m.c.channel, m.c.id, *columns)
     if not postgres:
-        return stmt
-    inserted = stmt.cte("inserted")
-    payload = sa.func.concat(param("origin", sa.String), ":", inserted.c.channel)
-    return sa.select(inserted.c.channel, inserted.c.id, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
+        returning: sa.ClauseElement = stmt
+        return returning
+    changed = stmt.cte("changed")
+    payload = sa.func.concat(param("origin", sa.String), ":", changed.c.channel)
+    return sa.select(*changed.c, sa.func.pg_notify(NOTIFY_CHANNEL, payload))

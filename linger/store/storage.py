@@ -8,10 +8,13 @@ from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from linger.store.deadletters import DeadLetters
 from linger.store.driver import Driver
+from linger.store.leases import Leases
 from linger.store.ledger import LedgerStatements, Tally
 from linger.store.messages import Messages
 from linger.store.overview import Overview
+from linger.store.sweep import Sweeper
 from linger.store.topics import Topics
 
 
@@ -25,6 +28,9 @@ class Storage:
         self.origin = origin
         self.driver.ledger = partial(Tally, LedgerStatements(self.driver), self.now)
         self.messages = Messages(self.driver, self.now, origin)
+        self.leases = Leases(self.driver, self.now, origin)
+        self.dead_letters = DeadLetters(self.driver, self.now, origin)
+        self.sweeper = Sweeper(self.driver, self.now, origin)
         self.topics = Topics(self.driver, self.now, origin)
         self.overview = Overview(self.driver, self.now)
 

@@ -36,8 +36,9 @@ def _publish_stmt() -> sa.Insert:
         param("content_type", sa.Text),
         param("body", sa.LargeBinary),
         param("body_id"),
+        s.c.dead,
         now,
-        sa.literal_column(str(READY), sa.BigInteger),
+        sa.case((s.c.delay > 0, now + ms_sql(s.c.delay)), else_=READY),
         sa.case((s.c.linger > 0, now + ms_sql(s.c.linger)), else_=sa.null()),
         sa.literal_column("0", sa.BigInteger),  # deliveries
     ).where(s.c.topic == param("topic", sa.String))
@@ -71,6 +72,8 @@ class Topics:
             "timeout": param("timeout"),
             "deliver": param("deliver"),
             "linger": param("linger"),
+            "delay": param("delay"),
+            "dead": param("dead", sa.String),
         }
         subscribe = insert(s).values(
             topic=param("topic", sa.String), channel=param("channel", sa.String), **options
@@ -124,6 +127,8 @@ class Topics:
             timeout=options.timeout,
             deliver=options.deliver,
             linger=options.linger,
+            delay=options.delay,
+            dead=options.dead,
         )
 
     async def unsubscribe(self, channel: str, topic: str) -> bool:

@@ -1,0 +1,23 @@
+"""Handler of redrive: dead letters back to their channels."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from linger import errors
+from linger.http import params
+from linger.http.keys import broker_of
+
+_INVALID_TARGET = "Invalid redrive target."
+
+
+async def redrive(request: web.Request) -> web.Response:
+    channel = params.channel(request)
+    to = params.name_option(request, "to", _INVALID_TARGET)
+    if to == channel:
+        raise errors.InvalidParameter(_INVALID_TARGET)
+    limit = None
+    if "n" in request.query:
+        limit = params.bounded(request.query["n"], 0, 1, params.INT64_MAX, "Invalid batch size.")
+    moved = await broker_of(request).redrive(channel, to, limit)
+    return web.json_response({"moved": moved})

@@ -1,0 +1,66 @@
+"""A message as the API shows it: headers on a single delivery, a JSON object in batches
+and peeks."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from aiohttp import web
+
+from linger.http.responses import header_value
+from linger.store.records import Message
+
+
+def received(message: Message, now_ms: int) -> int:
+    """Whole seconds since the message was added."""
+    return max(0, now_ms - message.created_at) // 1000
+
+
+def message_response(message: Message, now_ms: int) -> web.Response:
+    """A delivery: the body, its content type, and the metadata in x-linger-* headers."""
+    headers = {
+        "Content-Type": message.content_type,
+        "x-linger-msg-id": str(message.id),
+        "x-linger-channel": header_value(message.channel),
+        "x-linger-priority": str(message.priority),
+        "x-linger-timeout": str(message.timeout),
+        "x-linger-deliver": str(message.deliver),
+        "x-linger-delivered": str(message.deliveries),
+        "x-linger-received": str(received(message, now_ms)),
+        "x-linger-linger": str(message.linger),
+        "x-linger-topic": header_value(message.topic),
+    }
+    if message.lease is not None:
+        headers["x-linger-lease"] = message.lease
+    if message.dead_from is not None:
+        headers["x-linger-dead-from"] = header_value(message.dead_from)
+        headers["x-linger-dead-reason"] = message.dead_reason or ""
+    return web.Response(body=message.body, headers=headers)
+
+
+def message_object(message: Message, now_ms: int) -> dict[str, Any]:
+    """The JSON message object: the body as text when it is UTF-8, else base64."""
+    try:
+        body, encoding = message.body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        body, encoding = base64.b64encode(message.body).decode("ascii"), "base64"
+    shown: dict[str, Any] = {"id": message.id}
+    if message.lease is not None:
+        shown["lease"] = message.lease
+    shown.update(
+        channel=message.channel,
+        priority=message.priority,
+        timeout=message.timeout,
+        deliver=message.deliver,
+        delivered=message.deliveries,
+        received=received(message, now_ms),
+        linger=message.linger,
+        topic=message.topic,
+        content_type=message.content_type,
+        body=body,
+        encoding=encoding,
+        dead_from=message.dead_from,
+        dead_reason=message.dead_reason,
+    )
+    return shown

@@ -1,0 +1,160 @@
+"""Leases: the token each delivery hands out, and the operations that take one: touch,
+release and reject (delete takes one too, in ``messages``).
+
+A token is ``<message id>.<lease value>``; the value is random, drawn for each claim, and
+kept in the message's row until the next delivery, a release or a move ends the lease. A
+lease is current while the row still holds its value, whatever the clock says.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+
+from linger import errors
+from linger.store import deadletters
+from linger.store.db import messages
+from linger.store.driver import Driver, Operation, Row
+from linger.store.ledger import Tally
+from linger.store.sql import READY, alive, announced, dead_after, ms_sql, param
+
+m = messages
+T = TypeVar("T")
+_TOKEN = re.compile(r"([0-9]{1,19})\.([0-9]{1,19})")
+_MAX_LEASE = 2**62
+
+
+def new_nonce() -> int:
+    """A claim's lease value: unguessable, so that no client can act on another's lease."""
+    return secrets.randbits(62)
+
+
+def token(message_id: int, nonce: int) -> str:
+    return f"{message_id}.{nonce}"
+
+
+def nonce_of(text: str, message_id: int) -> int:
+    """The lease value of ``text``, a token of message ``message_id``; ``InvalidLease``
+    when it cannot be one."""
+    match = _TOKEN.fullmatch(text)
+    if match is None or int(match[1]) != message_id or int(match[2]) >= _MAX_LEASE:
+        raise errors.InvalidLease()
+    return int(match[2])
+
+
+def presented() -> sa.ColumnElement[bool]:
+    """The row holds lease :nonce, or none was presented (1.0.1 requests)."""
+    nonce = param("nonce")
+    return sa.or_(nonce.is_(None), m.c.lease == nonce)
+
+
+def hidden(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
+    return m.c.visible_at > now
+
+
+def explain_stmt() -> sa.Select[Any]:
+    """Why a lease operation on :id changed nothing: (lease, hidden) of the live row."""
+    now = param("now")
+    return sa.select(m.c.lease, hidden(now)).where(m.c.id == param("id"), alive(now))
+
+
+def raise_for(rows: list[Row], lease: int | None) -> None:
+    """Raise the error an operation on a message gets when it changed nothing: the message
+    is gone, the lease presented is not its current one, or it is not hidden."""
+    if not rows:
+        raise errors.NotFound()
+    if lease is not None and rows[0][0] != lease:
+        raise errors.LeaseStale()
+    raise errors.NotHidden()
+
+
+class Leases:
+    """Touch, release and reject a delivered (hidden) message, with or without a lease."""
+
+    def __init__(self, driver: Driver[Tally], now: Callable[[], int], origin: str) -> None:
+        self._driver = driver
+        self.now = now
+        self.origin = origin
+        prepare = driver.prepare
+        postgres = driver.postgres
+        now_ = param("now")
+        held = sa.and_(m.c.id == param("id"), hidden(now_), alive(now_), presented())
+        visible_at = now_ + ms_sql(sa.func.coalesce(param("seconds"), m.c.timeout))
+        self._touch = prepare(
+            sa.update(m)
+            .where(held)
+            .values(visible_at=visible_at, dead_at=dead_after(m.c.deliveries, visible_at))
+            .returning(m.c.id)
+        )
+        delay = param("delay")
+        # Released: queued again at once, or parked for the delay. The delivery counted:
+        # a message that had its last allowed one dies now.
+        exhausted = sa.and_(m.c.deliver > 0, m.c.deliveries >= m.c.deliver)
+        release = (
+            sa.update(m)
+            .where(held)
+            .values(
+                visible_at=sa.case((delay > 0, now_ + ms_sql(delay)), else_=READY),
+                lease=None,
+                dead_at=sa.case((exhausted, now_), else_=m.c.dead_at),
+            )
+        )
+        self._release = prepare(announced(release, m.c.visible_at, postgres=postgres))
+        to_dead = sa.and_(m.c.dead.is_not(None), m.c.dead_from.is_(None))
+        move = sa.update(m).where(held, to_dead).values(deadletters.moved_values("rejected"))
+        self._reject_move = prepare(announced(move, m.c.dead_from, postgres=postgres))
+        self._reject_delete = prepare(
+            sa.delete(m).where(held, sa.not_(to_dead)).returning(m.c.channel, m.c.body_id)
+        )
+        self._explain = prepare(explain_stmt())
+
+    async def _act(
+        self,
+        operation: Callable[[dict[str, Any], Tally], Operation[T]],
+        message_id: int,
+        **params: Any,
+    ) -> T:
+        params = {"id": message_id, "now": self.now(), "origin": self.origin, **params}
+        return await self._driver.write(partial(operation, params), key=("message", message_id))
+
+    async def touch(self, message_id: int, lease: int | None, seconds: int | None) -> None:
+        """Restart the lease of a hidden message, for ``seconds`` (default: its timeout)."""
+        await self._act(self._touch_operation, message_id, nonce=lease, seconds=seconds)
+
+    def _touch_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
+        if not (yield self._touch, params):
+            raise_for((yield self._explain, params), params["nonce"])
+
+    async def release(self, message_id: int, lease: int | None, delay: int) -> str | None:
+        """Give a hidden message back: ready at once (return its channel, to wake its
+        consumers), or delayed ``delay`` s (return None)."""
+        return await self._act(self._release_operation, message_id, nonce=lease, delay=delay)
+
+    def _release_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:
+        rows = yield self._release, params
+        if not rows:
+            raise_for((yield self._explain, params), params["nonce"])
+        channel, _id, visible_at = rows[0][:3]
+        return str(channel) if visible_at == READY else None
+
+    async def reject(self, message_id: int, lease: int | None) -> str | None:
+        """Move a hidden message to its dead channel now (return that channel), or discard
+        it when it has none or already is a dead letter (return None)."""
+        return await self._act(self._reject_operation, message_id, nonce=lease)
+
+    def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:
+        rows = yield self._reject_move, params
+        if rows:
+            dead, _id, origin = rows[0][:3]
+            ledger.moved(origin, dead)
+            return str(dead)
+        rows = yield self._reject_delete, params
+        if not rows:
+            raise_for((yield self._explain, params), params["nonce"])
+        ledger.removed(rows[0][0], rows[0][1])
+        return None
