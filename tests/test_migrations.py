@@ -98,6 +98,9 @@ async def test_upgrade_from_0001_keeps_every_message_working(
         await engine.dispose()
 
     client = await make_client(db=fresh_url, hlm=3)
+    # Delivered before the upgrade: in flight (leased), not delayed.
+    hidden = await (await client.get("/channels/hidden/stats", params={"detail": ""})).json()
+    assert (hidden["hidden"], hidden["delayed"]) == (1, 0)
     ready = [await (await get(client, "ready")).read() for _ in range(3)]
     assert ready == [b"urgent", b"first", b"second"]
     assert (await get(client, "hidden")).status == 204
@@ -131,5 +134,88 @@ async def test_downgrade_to_0001_gives_shared_bodies_back_to_their_copies(
             await conn.run_sync(_down_to("0001"))
             rows = (await conn.execute(sa.text("SELECT channel, body FROM messages"))).all()
         assert sorted(rows) == [("a", body), ("b", body)]
+    finally:
+        await engine.dispose()
+
+
+_INSERT_0002 = (
+    "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic, content_type,"
+    " body, created_at, visible_at, dead_at, deliveries, body_id) VALUES "
+    "(:channel, 0, 30, :deliver, 0, :topic, 'text/plain', :body, :created_at, :visible_at,"
+    " :dead_at, :deliveries, :body_id)"
+)
+
+
+async def test_upgrade_from_0002_keeps_counts_bodies_and_deliveries(
+    fresh_url: str,  # noqa: F811
+    make_client: ClientFactory,
+    clock: Clock,
+) -> None:
+    now = int(time.time() * 1000)
+    rows = [
+        {"channel": "q", "body": b"ready", "visible_at": 0, "deliveries": 0},
+        {"channel": "q", "body": b"inflight", "visible_at": now + 20_000, "deliveries": 1},
+        {"channel": "q", "body": b"expired", "visible_at": now - 1_000, "deliveries": 1},
+        {"channel": "a", "body": b"", "visible_at": 0, "deliveries": 0, "body_id": 1},
+        {"channel": "b", "body": b"", "visible_at": 0, "deliveries": 0, "body_id": 1},
+    ]
+    engine = db.create_engine(fresh_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to("0002"))
+            await conn.execute(
+                sa.text("INSERT INTO bodies (id, refs, body) VALUES (1, 2, :body)"),
+                {"body": b"shared"},
+            )
+            for row in rows:
+                values = {"deliver": 0, "topic": "", "created_at": now - 3000, "dead_at": None}
+                await conn.execute(sa.text(_INSERT_0002), {"body_id": None, **values, **row})
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO channels (name, polled_at, messages) VALUES "
+                    "('q', 0, 3), ('a', 0, 1), ('b', 0, 1)"
+                )
+            )
+        async with engine.begin() as conn:
+            await conn.run_sync(_to("head"))
+    finally:
+        await engine.dispose()
+    client = await make_client(db=fresh_url, hlm=3)
+    shown = await (await client.get("/channels/q/stats", params={"detail": ""})).json()
+    assert (shown["ready"], shown["hidden"], shown["delayed"]) == (2, 1, 0)
+    # In the queue's order: the message whose timeout ran out first (older id).
+    first = await get(client, "q")
+    assert await first.read() == b"ready"
+    assert "x-linger-lease" in first.headers
+    second = await get(client, "q")
+    assert await second.read() == b"expired"
+    for name in ("a", "b"):
+        assert await (await get(client, name)).read() == b"shared"
+    # The kept count still holds the mark.
+    response = await client.post("/channels/q", data=b"m", headers={"Content-Type": "t/p"})
+    assert response.status == 507
+
+
+async def test_downgrade_to_0002_keeps_dead_letters_as_messages(
+    fresh_url: str,  # noqa: F811
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(db=fresh_url, migrate=True)
+    response = await client.post(
+        "/channels/w", data=b"m", params={"dead": "d"}, headers={"Content-Type": "t/p"}
+    )
+    message_id = (await response.json())["id"]
+    got = await get(client, "w")
+    lease = got.headers["x-linger-lease"]
+    assert (
+        await client.post(f"/messages/{message_id}/reject", params={"lease": lease})
+    ).status == 204
+    await client.close()
+    engine = db.create_engine(fresh_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_down_to("0002"))
+            rows = (await conn.execute(sa.text("SELECT id, channel, body FROM messages"))).all()
+        assert rows == [(message_id, "d", b"m")]
     finally:
         await engine.dispose()
