@@ -29,6 +29,9 @@ SCENARIOS: dict[str, tuple[Figure, str]] = {
     "consume": (scenarios.consume, "msg/s"),
     "cycle": (scenarios.cycle, "cycles/s"),
     "depth": (scenarios.depth, "cycles/s"),
+    "inflight": (scenarios.inflight, "cycles/s"),
+    "batch": (scenarios.batch, "msg/s"),
+    "batch-produce": (scenarios.batch_produce, "msg/s"),
     "pubsub-4": (lambda server, size: scenarios.pubsub(server, size, 4), "deliveries/s"),
     "pubsub-100": (lambda server, size: scenarios.pubsub(server, size, 100), "deliveries/s"),
 }
@@ -104,7 +107,9 @@ def generator_ceiling(seconds: float) -> str:
 
 # Scenarios the original is measured in once: it scans its unindexed queue on every
 # operation, so filling it with the depth scenario's 110,000 messages takes minutes.
-SLOW_ON_ORIGINAL = frozenset({"depth"})
+SLOW_ON_ORIGINAL = frozenset({"depth", "inflight"})
+# Routes that Linger 1.0.1 does not have.
+NOT_IN_ORIGINAL = frozenset({"batch", "batch-produce"})
 
 
 def ratio(value: float, original: float | None) -> str:
@@ -127,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated scenario names",
     )
     parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the Python of the Linger installation to measure (default: this one), to "
+        "compare versions side by side",
+    )
     args = parser.parse_args(argv)
     # A run stopped with SIGTERM still stops its servers and removes its PostgreSQL.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         postgres_url = stack.enter_context(postgres_cluster()) if "postgres" in backends else None
 
         def command(backend: str) -> list[str]:
-            return linger_command(backend, Path(workdir), postgres_url)
+            return linger_command(backend, Path(workdir), postgres_url, args.python)
 
         for name in chosen:
             if name == "longpoll":
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             figure, unit = SCENARIOS[name]
             original = None
-            if not args.no_original:
+            if not args.no_original and name not in NOT_IN_ORIGINAL:
                 try:
                     # Filling the original for depth takes it about ten minutes: once.
                     times = 1 if name in SLOW_ON_ORIGINAL else runs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import shutil
 import statistics
@@ -36,9 +37,19 @@ class Size:
     depth_same: int = 10_000
     waiters: int = 10_000
     longpoll_messages: int = 1_000
+    inflight_ready: int = 100_000
+    inflight_hidden: int = 20_000
 
 
-QUICK = Size(seconds=1.0, depth_other=1_000, depth_same=100, waiters=200, longpoll_messages=50)
+QUICK = Size(
+    seconds=1.0,
+    depth_other=1_000,
+    depth_same=100,
+    waiters=200,
+    longpoll_messages=50,
+    inflight_ready=1_000,
+    inflight_hidden=200,
+)
 
 
 @dataclass(frozen=True)
@@ -105,23 +116,41 @@ def _names(prefix: str, channels: int) -> list[str]:
     return [prefix] if channels <= 1 else [f"{prefix}{i}" for i in range(channels)]
 
 
-async def _fill(server: Server, names: list[str], count: int) -> None:
+async def _fill(server: Server, names: list[str], count: int, query: str) -> None:
     body = b"x" * 256
     numbers = iter(range(count))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
 
         async def worker() -> None:
             for number in numbers:
-                url = f"{server.base}/channels/{names[number % len(names)]}"
+                url = f"{server.base}/channels/{names[number % len(names)]}{query}"
                 async with session.post(url, data=body, headers=HEADERS) as response:
                     _require(response.status == 202, f"fill: {response.status}")
 
         await asyncio.gather(*(worker() for _ in range(32)))
 
 
-def fill(server: Server, prefix: str, channels: int, count: int) -> None:
+def fill(server: Server, prefix: str, channels: int, count: int, query: str = "") -> None:
     """Queue ``count`` messages over ``channels`` channels (set-up, not measured)."""
-    asyncio.run(_fill(server, _names(prefix, channels), count))
+    asyncio.run(_fill(server, _names(prefix, channels), count, query))
+
+
+async def _claim(server: Server, channel: str, count: int) -> None:
+    numbers = iter(range(count))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+
+        async def worker() -> None:
+            for _ in numbers:
+                async with session.get(f"{server.base}/channels/{channel}?nowait") as response:
+                    await response.read()
+                    _require(response.status == 200, f"claim: {response.status}")
+
+        await asyncio.gather(*(worker() for _ in range(32)))
+
+
+def claim(server: Server, channel: str, count: int) -> None:
+    """Deliver ``count`` messages of ``channel`` and leave them hidden (set-up)."""
+    asyncio.run(_claim(server, channel, count))
 
 
 async def _drain(server: Server, names: list[str]) -> int:
@@ -242,6 +271,23 @@ def depth(server: Server, size: Size) -> float:
     return result.rate
 
 
+def inflight(server: Server, size: Size) -> float:
+    """The cycle on a channel that holds many ready messages and, at its head, many
+    delivered ones in flight (hidden for an hour): a claim must not pay for them."""
+    fill(server, "inflight", 1, size.inflight_hidden, "?timeout=3600")
+    claim(server, "inflight", size.inflight_hidden)
+    fill(server, "inflight", 1, size.inflight_ready)
+    result = _cycle(server, size, "inflight")
+    ready, hidden = channel_stats(server, "inflight")
+    _require(
+        size.inflight_hidden <= hidden <= size.inflight_hidden + IN_FLIGHT
+        and size.inflight_ready - IN_FLIGHT <= ready <= size.inflight_ready + IN_FLIGHT,
+        f"inflight: {ready} ready and {hidden} hidden left",
+    )
+    asyncio.run(_empty(server, ["inflight"]))  # durable backends persist
+    return result.rate
+
+
 def pubsub(server: Server, size: Size, subscribers: int) -> float:
     """Copies delivered per second: publishes to a topic with ``subscribers`` channels,
     consumers draining them at the same time; every copy is consumed before it counts."""
@@ -358,3 +404,94 @@ async def _all_received(received: dict[int, float], count: int) -> None:
 def longpoll(server: Server, size: Size, *, waiters_stat: bool = True) -> LongPoll:
     """POST to consumer latency with ``size.waiters`` consumers waiting in one process."""
     return asyncio.run(_longpoll(server, size, waiters_stat))
+
+
+# The batch scenarios: batches of 100 messages of 256 bytes, 16 connections.
+BATCH_SIZE = 100
+_JSON = {"Content-Type": "application/json"}
+
+
+@dataclass
+class _Batches:
+    produced: list[int]
+    received: list[int]
+    deleted: list[int]
+    in_window: int = 0
+
+
+async def _batch_run(server: Server, size: Size, channel: str, consumers: int) -> _Batches:
+    """16 connections for ``size.seconds``: producers add batches, ``consumers`` receive
+    batches (long-poll) and delete them by lease. Then everything left is consumed, and
+    every message produced must have been received and deleted exactly once."""
+    payload = json.dumps([{"body": "x" * 256}] * BATCH_SIZE).encode()
+    add_url = f"{server.base}/channels/{channel}/messages"
+    receive_url = f"{add_url}?n={BATCH_SIZE}&wait=1"
+    seen = _Batches([], [], [])
+    loop = asyncio.get_running_loop()
+    stop = loop.time() + size.seconds
+    producing = True
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def producer() -> None:
+            while loop.time() < stop:
+                async with session.post(add_url, data=payload, headers=_JSON) as response:
+                    _require(response.status == 202, f"batch add: {response.status}")
+                    seen.produced.extend((await response.json())["ids"])
+
+        async def consumer() -> None:
+            while producing or len(seen.deleted) < len(seen.produced):
+                async with session.get(receive_url) as response:
+                    _require(response.status == 200, f"batch receive: {response.status}")
+                    got = (await response.json())["messages"]
+                if not got:
+                    continue
+                seen.received.extend(m["id"] for m in got)
+                body = json.dumps({"leases": [m["lease"] for m in got]})
+                url = f"{server.base}/messages/delete"
+                async with session.post(url, data=body, headers=_JSON) as response:
+                    _require(response.status == 200, f"batch delete: {response.status}")
+                    answer = await response.json()
+                _require(len(answer["done"]) == len(got), f"batch delete: {answer}")
+                seen.deleted.extend(answer["done"])
+                if loop.time() < stop:
+                    seen.in_window += len(got)
+
+        tasks = [asyncio.create_task(consumer()) for _ in range(consumers)]
+        await asyncio.gather(*(producer() for _ in range(16 - consumers)))
+        producing = False
+        try:
+            await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        except TimeoutError:
+            raise Failed(
+                f"{channel}: {len(seen.produced) - len(seen.deleted)} never came"
+            ) from None
+    return seen
+
+
+def _exactly_once(what: str, seen: _Batches, server: Server, channel: str) -> None:
+    produced = set(seen.produced)
+    _require(len(produced) == len(seen.produced), f"{what}: an id was given twice")
+    _require(len(seen.received) == len(set(seen.received)), f"{what}: a message came twice")
+    _require(
+        set(seen.received) == produced, f"{what}: received {len(seen.received)} of {len(produced)}"
+    )
+    _require(sorted(seen.deleted) == sorted(produced), f"{what}: deleted {len(seen.deleted)}")
+    _require(channel_stats(server, channel) == (0, 0), f"{what}: messages left behind")
+
+
+def batch(server: Server, size: Size) -> float:
+    """Messages added, received and deleted per second, in batches of 100: 8 producer and
+    8 consumer connections; each message exactly once."""
+    seen = asyncio.run(_batch_run(server, size, "batch", consumers=8))
+    _exactly_once("batch", seen, server, "batch")
+    return seen.in_window / size.seconds
+
+
+def batch_produce(server: Server, size: Size) -> float:
+    """Messages added per second in batches of 100 by 16 connections."""
+    seen = asyncio.run(_batch_run(server, size, "batch-produce", consumers=0))
+    queued = channel_stats(server, "batch-produce")
+    _require(queued == (len(seen.produced), 0), f"batch-produce: {queued} queued")
+    asyncio.run(_empty(server, ["batch-produce"]))
+    return len(seen.produced) / size.seconds

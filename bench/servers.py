@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import socket
 import subprocess
@@ -111,6 +110,25 @@ class Server:
             self.log.unlink(missing_ok=True)
 
 
+def _fresh_database(url: str) -> str:
+    """A new, empty database on the benchmark's cluster (each run starts from nothing,
+    whatever version of the schema the previous one left)."""
+    name = f"bench{time.monotonic_ns()}"
+
+    async def create() -> None:
+        import asyncpg
+
+        dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f"CREATE DATABASE {name}")
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
 def original_python() -> Path:
     """The interpreter of a virtual environment holding the original Linger 1.0.1."""
     python = ORIGINAL_VENV / "bin" / "python"
@@ -127,29 +145,25 @@ def original_python() -> Path:
 @contextlib.contextmanager
 def postgres_cluster() -> Iterator[str]:
     """A throwaway PostgreSQL with its defaults for durability (fsync and
-    synchronous_commit on), migrated, for the length of the benchmark."""
+    synchronous_commit on) for the length of the benchmark; each Linger started on it
+    migrates it (``--migrate``), so that any version of Linger can be measured."""
     sys.path.insert(0, str(ROOT))
     from tests.pgcluster import Cluster
 
     cluster = Cluster(durable=True)
     url = cluster.start()
     try:
-        env = {**os.environ, "LINGER_DB": url}
-        subprocess.run(
-            [sys.executable, "-m", "alembic", "upgrade", "head"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         yield url
     finally:
         cluster.stop()
 
 
-def linger_command(backend: str, workdir: Path, postgres_url: str | None) -> list[str]:
-    base = [sys.executable, "-m", "linger", "--log-level", "WARNING"]
+def linger_command(
+    backend: str, workdir: Path, postgres_url: str | None, python: str = sys.executable
+) -> list[str]:
+    """The command of a Linger on ``backend``, run by ``python`` (-I: that installation's
+    own linger, never one in the working directory)."""
+    base = [python, "-I", "-m", "linger", "--log-level", "WARNING"]
     if backend == "memory":
         return base
     if backend == "file":
@@ -157,7 +171,7 @@ def linger_command(backend: str, workdir: Path, postgres_url: str | None) -> lis
         return [*base, "--dbfile", str(database)]
     if backend == "postgres":
         assert postgres_url is not None
-        return [*base, "--db", postgres_url]
+        return [*base, "--db", _fresh_database(postgres_url), "--migrate"]
     if backend == "original":
         # -I: isolated, so that this checkout's own linger package is not the one imported.
         return [str(original_python()), "-I", "-c", _ORIGINAL_WRAPPER, "--logging=warning"]

@@ -17,7 +17,17 @@ from aiohttp import web
 from linger import __version__, errors
 from linger.config import Settings
 from linger.http import server
-from linger.http.keys import BROKER, DRAINING, ENGINE, LISTENER, SERVER_ID, SETTINGS, STARTED
+from linger.http.budget import BUDGET_BATCHES, Budget
+from linger.http.keys import (
+    BATCH_BUDGET,
+    BROKER,
+    DRAINING,
+    ENGINE,
+    LISTENER,
+    SERVER_ID,
+    SETTINGS,
+    STARTED,
+)
 from linger.http.middleware import error_middleware
 from linger.http.routes import ROUTES
 from linger.queue.broker import Broker
@@ -95,6 +105,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     """The Linger application; its database is opened when the app starts."""
     app = web.Application(middlewares=[error_middleware])
     app[SETTINGS] = settings
+    app[BATCH_BUDGET] = Budget(BUDGET_BATCHES * settings.max_batch_bytes)
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))

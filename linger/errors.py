@@ -26,6 +26,10 @@ class UnsupportedEncoding(LingerError):
     """Unsupported content encoding: send the body uncompressed."""
 
 
+class UnsupportedMediaType(LingerError):
+    """Unsupported content type: send application/json or application/x-ndjson."""
+
+
 class RequestTimeout(LingerError):
     """Request body not received in time."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import shutil
 import signal
@@ -491,3 +492,72 @@ def test_url_option_the_driver_refuses_is_a_one_line_error(database_url: str, ba
     assert result.stderr.startswith("linger: the database URL is not usable"), result.stderr
     assert "Traceback" not in result.stderr
     assert "s3cret" not in result.stderr
+
+
+async def _waiting_get(
+    session: aiohttp.ClientSession, server: Server, channel: str
+) -> asyncio.Task[tuple[int, str]]:
+    async def consume() -> tuple[int, str]:
+        async with session.get(f"{server.base}/channels/{channel}") as response:
+            await response.read()
+            assert response.status == 200
+            return int(response.headers["x-linger-msg-id"]), response.headers["x-linger-lease"]
+
+    task = asyncio.create_task(consume())
+    await server.until_waiting(session, 1)
+    return task
+
+
+@pytest.mark.postgres
+async def test_release_and_redrive_wake_consumers_of_other_processes(
+    pair: list[Server], session: aiohttp.ClientSession, backend: str
+) -> None:
+    """Through NOTIFY: the fallback poll of these processes is 5 s."""
+    a, b = pair
+    async with session.post(
+        f"{b.base}/channels/lc?dead=lc.dead", data=b"m", headers=HEADERS
+    ) as response:
+        message_id = int((await response.json())["id"])
+    async with session.get(f"{b.base}/channels/lc?nowait") as response:
+        lease = response.headers["x-linger-lease"]
+    async with session.post(f"{b.base}/messages/{message_id}/reject?lease={lease}") as response:
+        assert response.status == 204
+    for action in ("redrive", "release"):
+        waiting = await _waiting_get(session, a, "lc")
+        started = time.perf_counter()
+        if action == "redrive":
+            url = f"{b.base}/channels/lc.dead/redrive"
+        else:
+            url = f"{b.base}/messages/{message_id}/release?lease={lease}"
+        async with session.post(url) as response:
+            assert response.status in (200, 204)
+        got_id, lease = await asyncio.wait_for(waiting, 5)
+        assert got_id == message_id
+        assert time.perf_counter() - started < 0.5, action
+
+
+@pytest.mark.postgres
+async def test_a_batch_wakes_as_many_consumers_of_another_process(
+    pair: list[Server], session: aiohttp.ClientSession, backend: str
+) -> None:
+    """One counted notification for a batch of three: three consumers waiting in the other
+    process get one message each, long before its 5 s fallback poll."""
+    a, b = pair
+
+    async def consume() -> int:
+        async with session.get(f"{a.base}/channels/many") as response:
+            await response.read()
+            assert response.status == 200
+            return int(response.headers["x-linger-msg-id"])
+
+    waiting = [asyncio.create_task(consume()) for _ in range(3)]
+    await a.until_waiting(session, 3)
+    items = json.dumps([{"body": str(i)} for i in range(3)])
+    headers = {"Content-Type": "application/json"}
+    started = time.perf_counter()
+    async with session.post(f"{b.base}/channels/many/messages", data=items, headers=headers) as r:
+        assert r.status == 202
+        ids = (await r.json())["ids"]
+    got = await asyncio.wait_for(asyncio.gather(*waiting), 4)
+    assert sorted(got) == ids
+    assert time.perf_counter() - started < 1.0

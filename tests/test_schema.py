@@ -70,7 +70,9 @@ async def test_upgrade_matches_the_tables_and_downgrade_removes_them(fresh_url: 
 
 
 @pytest.mark.postgres
-async def test_claim_plan_reads_the_queue_in_order_and_only_due_parked_rows(postgres_url: str) -> None:
+async def test_claim_plan_reads_the_queue_in_order_and_only_due_parked_rows(
+    postgres_url: str,
+) -> None:
     engine = db.create_engine(postgres_url)
     try:
         async with engine.begin() as conn:
@@ -127,6 +129,44 @@ async def test_sweep_and_mark_read_only_the_rows_that_can_die(postgres_url: str)
             plan = await _plan(engine, stmt.sql, stmt.args(params))
             assert "ix_messages_dead_at_channel" in plan, plan
             assert "Seq Scan on messages" not in plan, plan
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+        await engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_batch_statements_look_messages_up_by_key(postgres_url: str) -> None:
+    """Batch acknowledgements find their rows through the primary key, and a bounded
+    batch claim reads the queue's index, however large the table."""
+    engine = db.create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+            # Half of them queued, half delivered (hidden, leased) for 30 s from now.
+            hidden_until = int(time.time() * 1000) + 30_000
+            await conn.exec_driver_sql(
+                "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic,"
+                " content_type, body, created_at, visible_at, dead_at, deliveries, lease)"
+                " SELECT 'c' || (i % 100), 0, 30, 0, 0, '', 'text/plain', 'x', 0,"
+                f" CASE WHEN i % 2 = 0 THEN 0 ELSE {hidden_until} END, NULL, 1, i"
+                " FROM generate_series(1, 60000) AS i"
+            )
+            await conn.exec_driver_sql("ANALYZE messages")
+        storage = Storage(engine, time.time)
+        batches = storage.batches
+        now = int(time.time() * 1000)
+        ids = list(range(1, 2000, 2))
+        named = {"ids": ids, "nonces": ids, "now": now, "seconds": None, "delay": 0, "origin": ""}
+        for stmt in (batches._delete[True], batches._touch, batches._release, batches._live):
+            plan = await _plan(engine, stmt.sql, stmt.args(named))
+            assert "Seq Scan on messages" not in plan, plan
+            assert "Index Scan using pk_messages" in plan, plan
+        claim = storage.messages._claim_bounded
+        params = {"channel": "c7", "now": now, "n": 100, "nonce": 1, "budget": 1 << 24}
+        plan = await _plan(engine, claim.sql, claim.args({**params, "shared": 1024}))
+        assert "Index Scan using ix_messages_queue" in plan, plan
+        assert "Seq Scan on messages" not in plan, plan
     finally:
         async with engine.begin() as conn:
             await conn.exec_driver_sql("TRUNCATE messages")

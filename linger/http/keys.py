@@ -8,6 +8,7 @@ from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from linger.config import Settings
+from linger.http.budget import Budget
 from linger.queue.broker import Broker
 from linger.queue.listener import Listener
 
@@ -17,6 +18,8 @@ SERVER_ID = web.AppKey("server_id", str)
 STARTED = web.AppKey("started", float)
 LISTENER = web.AppKey("listener", Listener)
 ENGINE = web.AppKey("engine", AsyncEngine)
+# The bytes that the batch bodies being read at once may hold.
+BATCH_BUDGET = web.AppKey("batch_budget", Budget)
 # Set when the process stops: every response from then on closes its connection.
 DRAINING = web.AppKey("draining", asyncio.Event)
 

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from aiohttp import web
 
 from linger import errors
-from linger.http import bodies, params
+from linger.http import bodies, params, server
 from linger.http.keys import SETTINGS, broker_of
 from linger.http.objects import message_object, message_response
 from linger.http.responses import header_value
 from linger.store.messages import STATES
-
-
-def _alive(request: web.Request) -> Callable[[], bool]:
-    def alive() -> bool:
-        transport = request.transport
-        return transport is not None and not transport.is_closing()
-
-    return alive
 
 
 async def list_channels(request: web.Request) -> web.Response:
@@ -41,7 +31,7 @@ async def get_message(request: web.Request) -> web.Response:
     channel = params.channel(request)
     wait = params.wait(request, request.app[SETTINGS].poll_max)
     broker = broker_of(request)
-    message = await broker.get(channel, wait=wait, alive=_alive(request))
+    message = await broker.get(channel, wait=wait, alive=server.connected(request))
     if message is None:
         return web.Response(status=204, headers={"x-linger-channel": header_value(channel)})
     return message_response(message, broker.storage.now())

@@ -19,6 +19,7 @@ _STATUS: dict[type[errors.LingerError], int] = {
     errors.LeaseStale: 409,
     errors.MessageTooLarge: 413,
     errors.UnsupportedEncoding: 415,
+    errors.UnsupportedMediaType: 415,
     errors.RequestTimeout: 408,
     errors.Unavailable: 503,
     errors.DatabaseError: 500,

@@ -99,7 +99,9 @@ def wait(request: web.Request, poll_max: float) -> float:
 
 
 def batch_size(request: web.Request, max_batch: int, default: int = 10) -> int:
-    return bounded(request.query.get("n"), default, 1, max_batch, "Invalid batch size.")
+    return bounded(
+        request.query.get("n"), min(default, max_batch), 1, max_batch, "Invalid batch size."
+    )
 
 
 _OPTION_RULES: tuple[tuple[str, int, int, str], ...] = (

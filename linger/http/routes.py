@@ -6,7 +6,18 @@ from aiohttp import web
 
 from linger.http import bodies
 from linger.http.admin import get_openapi, get_root, get_stats
+from linger.http.batches import (
+    ack_limit,
+    delete_messages,
+    get_messages,
+    post_messages,
+    publish_messages,
+    reject_messages,
+    release_messages,
+    touch_messages,
+)
 from linger.http.deadletters import redrive
+from linger.http.keys import SETTINGS
 from linger.http.leases import delete_message, reject_message, release_message, touch_message
 from linger.http.messages import (
     delete_channel,
@@ -29,6 +40,8 @@ _CHANNEL = "/channels/{channel:[^/]+}"
 # Requests carrying a message refuse an oversized body before it is sent (Expect).
 _MESSAGE_BODY = bodies.expect_within(bodies.limit)
 _TOPIC = "{topic:[^/]+}"
+_BATCH_BODY = bodies.expect_within(lambda request: request.app[SETTINGS].max_batch_bytes)
+_ACK_BODY = bodies.expect_within(ack_limit)
 
 ROUTES = [
     web.get("/", get_root, name="root", allow_head=False),
@@ -36,6 +49,10 @@ ROUTES = [
     web.post(_CHANNEL, post_message, name="post_message", expect_handler=_MESSAGE_BODY),
     web.get(_CHANNEL, get_message, name="get_message", allow_head=False),
     web.delete(_CHANNEL, delete_channel, name="delete_channel"),
+    web.post(
+        _CHANNEL + "/messages", post_messages, name="post_messages", expect_handler=_BATCH_BODY
+    ),
+    web.get(_CHANNEL + "/messages", get_messages, name="get_messages", allow_head=False),
     web.get(_CHANNEL + "/stats", get_channel_stats, name="channel_stats", allow_head=False),
     web.get(_CHANNEL + "/topics", get_channel_topics, name="channel_topics", allow_head=False),
     web.get(_CHANNEL + "/peek", peek_messages, name="peek", allow_head=False),
@@ -49,12 +66,24 @@ ROUTES = [
     web.delete(_CHANNEL + "/topics/" + _TOPIC, delete_subscription, name="delete_subscription"),
     web.get("/topics", list_topics, name="topics", allow_head=False),
     web.post("/topics/" + _TOPIC, post_topic_message, name="publish", expect_handler=_MESSAGE_BODY),
+    web.post(
+        "/topics/" + _TOPIC + "/messages",
+        publish_messages,
+        name="publish_messages",
+        expect_handler=_BATCH_BODY,
+    ),
     web.get(
         "/topics/" + _TOPIC + "/channels",
         get_topic_channels,
         name="topic_channels",
         allow_head=False,
     ),
+    web.post("/messages/delete", delete_messages, name="delete_messages", expect_handler=_ACK_BODY),
+    web.post("/messages/touch", touch_messages, name="touch_messages", expect_handler=_ACK_BODY),
+    web.post(
+        "/messages/release", release_messages, name="release_messages", expect_handler=_ACK_BODY
+    ),
+    web.post("/messages/reject", reject_messages, name="reject_messages", expect_handler=_ACK_BODY),
     web.delete("/messages/{id:[0-9]+}", delete_message, name="delete_message"),
     web.post("/messages/{id:[0-9]+}/touch", touch_message, name="touch_message"),
     web.post("/messages/{id:[0-9]+}/release", release_message, name="release_message"),

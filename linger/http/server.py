@@ -252,6 +252,16 @@ class Runner(web.AppRunner):
         )
 
 
+def connected(request: web.Request) -> Callable[[], bool]:
+    """Whether ``request``'s client is still connected (a long-poll's ``alive``)."""
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return alive
+
+
 def finish(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
     """No version banner; a stopping process closes each connection after its response."""
     if not response.prepared:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
+from functools import partial
+from typing import Protocol
 
 from linger import errors
 from linger.queue.notifier import Notifier, Waiter
-from linger.store.records import Message, Options
+from linger.store.batches import Named
+from linger.store.records import DONE, Message, NewMessage, Options
 from linger.store.storage import Storage
+from linger.store.topics import Published
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,10 @@ _POLL_BATCH = 500
 _VISIBLE_SLACK = 0.002
 # A consumer waiting longer than this renews its channel's listing mark (listed 180 s).
 _RELIST = 60.0
+
+
+class Claim(Protocol):
+    def __call__(self, *, listed: bool = False) -> Awaitable[list[Message]]: ...
 
 
 class Broker:
@@ -50,23 +58,56 @@ class Broker:
         self.notifier.notify(channel)
         return message_id
 
+    async def add_many(self, channel: str, batch: Sequence[NewMessage]) -> list[int]:
+        """Store a batch of messages (all or none) and wake as many consumers."""
+        ids = await self.storage.batches.add(channel, batch, self.hlm)
+        self.counters["msg-add"] += len(ids)
+        self.notifier.notify(channel, len(ids))
+        return ids
+
     async def publish(self, topic: str, body: bytes, content_type: str) -> dict[str, int]:
         """Copy a message to every subscribed channel and wake their consumers."""
         published = await self.storage.topics.publish(topic, body, content_type, self.hlm)
-        self.counters["publish"] += 1
-        if published.skipped:
-            self.counters["publish-skipped"] += len(published.skipped)
-            logger.warning(
-                "publish to %r skipped channels at the high-level mark: %s",
-                topic,
-                ", ".join(sorted(published.skipped)),
-            )
-        for channel in published.ids:
-            self.notifier.notify(channel)
-        return published.ids
+        return self._published(topic, [published])[0]
+
+    async def publish_many(self, topic: str, batch: Sequence[NewMessage]) -> list[dict[str, int]]:
+        """Publish a batch of messages in one transaction, in order."""
+        return self._published(
+            topic, await self.storage.topics.publish_many(topic, batch, self.hlm)
+        )
+
+    def _published(self, topic: str, published: list[Published]) -> list[dict[str, int]]:
+        woken: Counter[str] = Counter()
+        for one in published:
+            self.counters["publish"] += 1
+            woken.update(one.ids.keys())
+            if one.skipped:
+                self.counters["publish-skipped"] += len(one.skipped)
+                logger.warning(
+                    "publish to %r skipped channels at the high-level mark: %s",
+                    topic,
+                    ", ".join(sorted(one.skipped)),
+                )
+        for channel, count in woken.items():
+            self.notifier.notify(channel, count)
+        return [one.ids for one in published]
 
     async def get(self, channel: str, *, wait: float, alive: Callable[[], bool]) -> Message | None:
-        """Deliver the next message of ``channel``, waiting up to ``wait`` seconds for one.
+        """Deliver the next message of ``channel`` (see ``receive``), or None."""
+        delivered = await self.receive(channel, 1, wait=wait, alive=alive)
+        return delivered[0] if delivered else None
+
+    async def receive(
+        self,
+        channel: str,
+        n: int,
+        *,
+        wait: float,
+        alive: Callable[[], bool],
+        budget: tuple[int, int] | None = None,
+    ) -> list[Message]:
+        """Deliver up to ``n`` messages of ``channel`` (bodies within ``budget``, see
+        ``Messages.claim``), waiting up to ``wait`` seconds for the first.
 
         Waiting holds no database connection: the waiter sleeps until an add in this
         process, the poller or shutdown wakes it, then claims again (another consumer may
@@ -77,23 +118,29 @@ class Broker:
         """
         self.counters["msg-get"] += 1
         if not alive():
-            return None
+            return []
+        claim = partial(self.storage.messages.claim, channel, n, budget=budget)
         if wait <= 0:
-            return self._delivered(await self.storage.messages.claim_one(channel))
+            return self._delivered(await claim())
         if self.notifier.count() >= self.max_waiters:
-            message = await self.storage.messages.claim_one(channel)
-            if message is None:
+            messages = await claim()
+            if not messages:
                 raise errors.Overloaded()
-            return self._delivered(message)
+            return self._delivered(messages)
         async with self.notifier.waiter(channel, alive) as waiter:
-            message = await self._claim_while_waiting(channel)
-            if message is None:
-                message = await self._wait(channel, waiter, wait, alive)
-        return self._delivered(message)
+            messages = await self._claim_while_waiting(channel, claim)
+            if not messages:
+                messages = await self._wait(channel, claim, waiter, wait, alive)
+        return self._delivered(messages)
 
     async def _wait(
-        self, channel: str, waiter: Waiter, wait: float, alive: Callable[[], bool]
-    ) -> Message | None:
+        self,
+        channel: str,
+        claim: Claim,
+        waiter: Waiter,
+        wait: float,
+        alive: Callable[[], bool],
+    ) -> list[Message]:
         """Wait for a wake-up, then claim, until a claim succeeds or the wait ends; the
         channel stays listed meanwhile, and for 180 s after a wait that ends empty."""
         loop = asyncio.get_running_loop()
@@ -110,11 +157,11 @@ class Broker:
             if self.notifier.closed or not alive():
                 break
             waiter.event.clear()
-            message = await self._claim_while_waiting(channel)
-            if message is not None:
-                return message
+            messages = await self._claim_while_waiting(channel, claim)
+            if messages:
+                return messages
         await self._listed(channel)
-        return None
+        return []
 
     async def _listed(self, channel: str) -> None:
         try:
@@ -122,19 +169,17 @@ class Broker:
         except errors.LingerError as error:  # only the channel list is late
             logger.debug("long-poll on %r: listing mark not written: %s", channel, error)
 
-    async def _claim_while_waiting(self, channel: str) -> Message | None:
+    async def _claim_while_waiting(self, channel: str, claim: Claim) -> list[Message]:
         try:
-            return await self.storage.messages.claim_one(channel, listed=True)
+            return await claim(listed=True)
         except errors.Unavailable as error:
             logger.warning("long-poll on %r: %s; waiting on", channel, error)
-            return None
+            return []
 
-    def _delivered(self, message: Message | None) -> Message | None:
-        if message is not None:
-            self.counters["delivered"] += 1
-            if message.deliveries > 1:
-                self.counters["msg-timeouts"] += 1
-        return message
+    def _delivered(self, messages: list[Message]) -> list[Message]:
+        self.counters["delivered"] += len(messages)
+        self.counters["msg-timeouts"] += sum(1 for m in messages if m.deliveries > 1)
+        return messages
 
     async def poll_once(self) -> float | None:
         """Wake waiters of channels where messages became ready without an add in this
@@ -198,11 +243,42 @@ class Broker:
         self.counters["msg-dead"] += 1
         self.notifier.notify(dead)
 
+    async def delete_many(self, named: Sequence[Named], *, by_lease: bool) -> list[str]:
+        """Delete a batch of delivered messages; the outcome of each, in order."""
+        done = await self.storage.batches.delete(named, by_lease=by_lease)
+        self.counters["msg-delete"] += done.outcomes.count(DONE)
+        return done.outcomes
+
+    async def touch_many(self, named: Sequence[Named], seconds: int | None) -> list[str]:
+        done = await self.storage.batches.touch(named, seconds)
+        self.counters["msg-touch"] += done.outcomes.count(DONE)
+        return done.outcomes
+
+    async def release_many(self, named: Sequence[Named], delay: int) -> list[str]:
+        """Give a batch of delivered messages back and wake as many consumers as became
+        ready."""
+        done = await self.storage.batches.release(named, delay)
+        self.counters["msg-release"] += done.outcomes.count(DONE)
+        self._wake(done.ready)
+        return done.outcomes
+
+    async def reject_many(self, named: Sequence[Named]) -> list[str]:
+        """Dead-letter (or discard) a batch of delivered messages."""
+        done = await self.storage.batches.reject(named)
+        self.counters["msg-reject"] += done.outcomes.count(DONE)
+        self.counters["msg-dead"] += sum(done.ready.values())
+        self.counters["msg-discarded"] += done.discarded
+        self._wake(done.ready)
+        return done.outcomes
+
+    def _wake(self, ready: Counter[str]) -> None:
+        for channel, count in ready.items():
+            self.notifier.notify(channel, count)
+
     async def redrive(self, channel: str, to: str | None, limit: int | None) -> int:
         """Send dead letters of ``channel`` back; wake consumers where they went."""
         moved = await self.storage.dead_letters.redrive(channel, to, limit)
-        for target, count in moved.items():
-            self.notifier.notify(target, count)
+        self._wake(Counter(moved))
         total = sum(moved.values())
         self.counters["msg-redriven"] += total
         return total

@@ -1,10 +1,10 @@
 """Cross-process wake-ups on PostgreSQL: one LISTEN connection per process.
 
-Every add and publish NOTIFYs ``<origin>:<channel>`` at commit (see
-``store.sql.announced``). The listener wakes a local waiter of that channel for each
-notification from another process. A notification is only a hint: the woken waiter claims
-again, and the broker's poller covers lost notifications and the time the listener is
-reconnecting.
+Every add and publish NOTIFYs ``<origin>:<channel>`` at commit, a batch
+``<origin>/<count>:<channel>`` (see ``store.sql.announced``). The listener wakes that many
+local waiters of the channel for each notification from another process. A notification
+is only a hint: the woken waiter claims again, and the broker's poller covers lost
+notifications and the time the listener is reconnecting.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 5.0
 
 
 class Listener:
-    """Keeps one LISTEN connection open and calls ``wake(channel)`` per notification
-    from another origin; ``on_connect`` runs after every (re)connection."""
+    """Keeps one LISTEN connection open and calls ``wake(channel, count)`` per
+    notification from another origin; ``on_connect`` runs after every (re)connection."""
 
     def __init__(
         self,
         engine: AsyncEngine,
         origin: str,
-        wake: Callable[[str], None],
+        wake: Callable[[str, int], None],
         on_connect: Callable[[], None],
     ) -> None:
         self._engine = engine
@@ -43,9 +43,10 @@ class Listener:
         self.connected = asyncio.Event()
 
     def _receive(self, payload: str) -> None:
-        origin, _, channel = payload.partition(":")
+        tag, _, channel = payload.partition(":")
+        origin, _, count = tag.partition("/")
         if origin != self._origin:
-            self._wake(channel)
+            self._wake(channel, int(count) if count.isdigit() else 1)
 
     async def _listen_once(self) -> None:
         async with listen(self._engine, NOTIFY_CHANNEL, self._receive, "linger-listener") as conn:

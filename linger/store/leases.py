@@ -38,6 +38,14 @@ def token(message_id: int, nonce: int) -> str:
     return f"{message_id}.{nonce}"
 
 
+def parse(text: str) -> tuple[int, int]:
+    """(message id, lease value) of token ``text``; ``InvalidLease`` when it is none."""
+    match = _TOKEN.fullmatch(text)
+    if match is None or int(match[1]) >= 2**63 or int(match[2]) >= _MAX_LEASE:
+        raise errors.InvalidLease()
+    return int(match[1]), int(match[2])
+
+
 def nonce_of(text: str, message_id: int) -> int:
     """The lease value of ``text``, a token of message ``message_id``; ``InvalidLease``
     when it cannot be one."""
@@ -55,6 +63,36 @@ def presented() -> sa.ColumnElement[bool]:
 
 def hidden(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
     return m.c.visible_at > now
+
+
+def held_now() -> sa.ColumnElement[bool]:
+    """Hidden and alive at :now: what touch, release and reject act on."""
+    now = param("now")
+    return sa.and_(hidden(now), alive(now))
+
+
+def touched() -> dict[str, Any]:
+    """The SET clause of a touch: hidden for :seconds from :now (None: its timeout)."""
+    visible_at = param("now") + ms_sql(sa.func.coalesce(param("seconds"), m.c.timeout))
+    return {"visible_at": visible_at, "dead_at": dead_after(m.c.deliveries, visible_at)}
+
+
+def released() -> dict[str, Any]:
+    """The SET clause of a release: queued again at once, or parked for :delay s. The
+    delivery counted: a message that had its last allowed one dies now."""
+    now, delay = param("now"), param("delay")
+    exhausted = sa.and_(m.c.deliver > 0, m.c.deliveries >= m.c.deliver)
+    return {
+        "visible_at": sa.case((delay > 0, now + ms_sql(delay)), else_=READY),
+        "lease": None,
+        "dead_at": sa.case((exhausted, now), else_=m.c.dead_at),
+    }
+
+
+def rejectable() -> sa.ColumnElement[bool]:
+    """A rejected message moves to its dead channel (else it is discarded): it has one,
+    and is not a dead letter already."""
+    return sa.and_(m.c.dead.is_not(None), m.c.dead_from.is_(None))
 
 
 def explain_stmt() -> sa.Select[Any]:
@@ -82,34 +120,14 @@ class Leases:
         self.origin = origin
         prepare = driver.prepare
         postgres = driver.postgres
-        now_ = param("now")
-        held = sa.and_(m.c.id == param("id"), hidden(now_), alive(now_), presented())
-        visible_at = now_ + ms_sql(sa.func.coalesce(param("seconds"), m.c.timeout))
-        self._touch = prepare(
-            sa.update(m)
-            .where(held)
-            .values(visible_at=visible_at, dead_at=dead_after(m.c.deliveries, visible_at))
-            .returning(m.c.id)
-        )
-        delay = param("delay")
-        # Released: queued again at once, or parked for the delay. The delivery counted:
-        # a message that had its last allowed one dies now.
-        exhausted = sa.and_(m.c.deliver > 0, m.c.deliveries >= m.c.deliver)
-        release = (
-            sa.update(m)
-            .where(held)
-            .values(
-                visible_at=sa.case((delay > 0, now_ + ms_sql(delay)), else_=READY),
-                lease=None,
-                dead_at=sa.case((exhausted, now_), else_=m.c.dead_at),
-            )
-        )
+        held = sa.and_(m.c.id == param("id"), held_now(), presented())
+        self._touch = prepare(sa.update(m).where(held).values(touched()).returning(m.c.id))
+        release = sa.update(m).where(held).values(released())
         self._release = prepare(announced(release, m.c.visible_at, postgres=postgres))
-        to_dead = sa.and_(m.c.dead.is_not(None), m.c.dead_from.is_(None))
-        move = sa.update(m).where(held, to_dead).values(deadletters.moved_values("rejected"))
+        move = sa.update(m).where(held, rejectable()).values(deadletters.moved_values("rejected"))
         self._reject_move = prepare(announced(move, m.c.dead_from, postgres=postgres))
         self._reject_delete = prepare(
-            sa.delete(m).where(held, sa.not_(to_dead)).returning(m.c.channel, m.c.body_id)
+            sa.delete(m).where(held, sa.not_(rejectable())).returning(m.c.channel, m.c.body_id)
         )
         self._explain = prepare(explain_stmt())
 

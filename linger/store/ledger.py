@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from linger.store.db import bodies, channels, messages
 from linger.store.driver import Driver, Operation, Outcome, Prepared, Row
-from linger.store.sql import greatest, param
+from linger.store.sql import given, given_ids, greatest, param
 
 c = channels
 Refusal = Callable[[Outcome, int], None]
@@ -37,7 +37,7 @@ Refusal = Callable[[Outcome, int], None]
 class _Add:
     index: int
     channel: str
-    message_id: int
+    message_ids: tuple[int, ...]
     hlm: int
     body_id: int | None
     refuse: Refusal | None
@@ -98,7 +98,7 @@ class LedgerStatements:
             .select_from(m)
             .where(m.c.dead_at <= param("now"), m.c.channel == param("channel", sa.String))
         )
-        self.remove = prepare(sa.delete(m).where(m.c.id == param("id")))
+        self.remove = prepare(sa.delete(m).where(given_ids(postgres=driver.postgres)))
         self.reference = prepare(
             sa.update(bodies)
             .where(bodies.c.id == param("id"))
@@ -142,10 +142,23 @@ class Tally:
         """A message was added to ``channel``; with ``hlm`` > 0 it must not take the
         channel past that many messages, else it is removed again and ``refuse`` is called
         with the operation's outcome and the channel's count."""
+        self.added_all(channel, (message_id,), hlm=hlm, body_id=body_id, refuse=refuse)
+
+    def added_all(
+        self,
+        channel: str,
+        message_ids: tuple[int, ...],
+        *,
+        hlm: int = 0,
+        body_id: int | None = None,
+        refuse: Refusal | None = None,
+    ) -> None:
+        """Messages were added to ``channel`` together (a batch): all of them stay, or
+        none when they would take the channel past ``hlm``."""
         entries = self._current()
-        entries.deltas[channel] += 1
+        entries.deltas[channel] += len(message_ids)
         if hlm > 0:
-            entries.adds.append(_Add(self._index, channel, message_id, hlm, body_id, refuse))
+            entries.adds.append(_Add(self._index, channel, message_ids, hlm, body_id, refuse))
 
     def removed(self, channel: str, body_id: int | None = None) -> None:
         """A message of ``channel`` was deleted (with its reference to a shared body)."""
@@ -195,9 +208,10 @@ class Tally:
         for channel, adds in by_channel.items():
             refused = yield from self._check_mark(channel, counts[channel], adds, outcomes)
             if refused:
-                yield s.correct, {"name": channel, "delta": -len(refused)}
+                ids = [message_id for add in refused for message_id in add.message_ids]
+                yield s.correct, {"name": channel, "delta": -len(ids)}
+                yield s.remove, given(ids, None, postgres=s.postgres)
                 for add in refused:
-                    yield s.remove, {"id": add.message_id}
                     if add.body_id is not None:
                         total.refs[add.body_id] -= 1
         for body_id in sorted(total.refs):
@@ -231,8 +245,8 @@ class Tally:
         refused: list[_Add] = []
         accepted = 0
         for add in adds:
-            if before + accepted < add.hlm:
-                accepted += 1
+            if before + accepted + len(add.message_ids) <= add.hlm:
+                accepted += len(add.message_ids)
                 continue
             refused.append(add)
             if add.refuse is not None:

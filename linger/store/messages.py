@@ -44,13 +44,14 @@ _DRAIN_RETRY = 0.005
 STATES = ("ready", "hidden", "delayed")
 
 
-def _claim_stmt(postgres: bool) -> sa.ClauseElement:
+def _claim_stmt(postgres: bool, *, bounded: bool = False) -> sa.ClauseElement:
     """Claim up to :n ready live messages of :channel in delivery order: lease each (one
     :lease value per claim, the token adds the id), hide it for its timeout and count the
-    delivery."""
+    delivery. ``bounded``: stop at the message whose body reaches :budget bytes."""
     now = param("now")
     visible_at = now + ms_sql(m.c.timeout)
-    chosen = first_ready(param("channel", sa.String), now, param("n"))
+    budget = param("budget") if bounded else None
+    chosen = first_ready(param("channel", sa.String), now, param("n"), budget=budget)
     return (
         sa.update(m)
         .where(ids_in(chosen, postgres=postgres))
@@ -123,6 +124,7 @@ class Messages:
         insert = sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
         self._add = prepare(announced(insert, postgres=postgres))
         self._claim = prepare(_claim_stmt(postgres))
+        self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))
         self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
         now_ = param("now")
         self._delete = prepare(
@@ -191,20 +193,32 @@ class Messages:
         ledger.added(channel, message_id, hlm=hlm, refuse=refuse)
         return message_id
 
-    async def claim(self, channel: str, n: int = 1, *, listed: bool = False) -> list[Message]:
+    async def claim(
+        self,
+        channel: str,
+        n: int = 1,
+        *,
+        listed: bool = False,
+        budget: tuple[int, int] | None = None,
+    ) -> list[Message]:
         """Deliver up to ``n`` ready messages of ``channel`` in delivery order, each with a
         lease of its own; with ``listed``, a consumer long-polls the channel: list it for
-        180 s from now."""
+        180 s from now. ``budget`` (bytes, bytes of a shared body) ends the messages with
+        the first one whose body reaches that many bytes."""
         params = {"channel": channel, "now": self.now(), "n": n, "nonce": leases.new_nonce()}
+        stmt = self._claim
+        if budget is not None:
+            stmt = self._claim_bounded
+            params["budget"], params["shared"] = budget
         # The claim is one statement; the listing mark is independent of it.
         return await self._driver.write(
-            partial(self._claim_operation, params, listed), atomic=False
+            partial(self._claim_operation, stmt, params, listed), atomic=False
         )
 
     def _claim_operation(
-        self, params: dict[str, Any], listed: bool, ledger: Tally
+        self, stmt: Prepared, params: dict[str, Any], listed: bool, ledger: Tally
     ) -> Operation[list[Message]]:
-        rows = yield self._claim, params
+        rows = yield stmt, params
         if listed:
             ledger.polled(params["channel"], params["now"])
         claimed = []
@@ -218,11 +232,6 @@ class Messages:
         if row[-1] is None:
             return bytes(row[2])
         return bytes((yield self._body, {"id": row[-1]})[0][0])
-
-    async def claim_one(self, channel: str, *, listed: bool = False) -> Message | None:
-        """Deliver the next ready message of ``channel``, or None."""
-        claimed = await self.claim(channel, 1, listed=listed)
-        return claimed[0] if claimed else None
 
     async def polled(self, channel: str) -> None:
         """A consumer long-polls ``channel``, or stopped now: list it for 180 s from now."""

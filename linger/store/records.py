@@ -38,6 +38,19 @@ class Message:
 
 
 @dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One message of a batch add or publish."""
+
+    body: bytes
+    content_type: str
+    options: Options = Options()
+
+
+# What a batch acknowledgement did to each message it named.
+DONE, STALE, MISSING = "done", "stale", "missing"
+
+
+@dataclass(frozen=True, slots=True)
 class Totals:
     messages: int
     ready: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -90,6 +91,7 @@ def first_ready(
     *,
     where: sa.ColumnElement[bool] | None = None,
     lock: bool = True,
+    budget: Any = None,
 ) -> sa.Select[Any]:
     """The ids of up to ``count`` ready live messages of ``channel`` (and ``where``) in
     delivery order ((priority, id)); with ``lock``, locked (SKIP LOCKED on PostgreSQL, so
@@ -99,19 +101,36 @@ def first_ready(
 
     def look(state: sa.ColumnElement[bool]) -> sa.Subquery:
         chosen = (
-            sa.select(m.c.id, m.c.priority)
+            sa.select(m.c.id, m.c.priority, size)
             .where(m.c.channel == channel, state, alive(now), sa.true() if where is None else where)
             .order_by(m.c.priority, m.c.id)
             .limit(count)
         )
         return (chosen.with_for_update(skip_locked=True) if lock else chosen).subquery()
 
+    # With a ``budget`` (bytes of bodies), the messages chosen end with the first one that
+    # reaches it; a shared body (not in the row) counts as :shared bytes.
+    size: Any = sa.literal_column("0", sa.BigInteger)
+    if budget is not None:
+        size = sa.case((m.c.body_id.is_(None), sa.func.length(m.c.body)), else_=param("shared"))
+    size = size.label("size")
     in_queue = look(queued())
     due = look(sa.and_(parked(), m.c.visible_at <= now))
     both = sa.union_all(
-        sa.select(in_queue.c.id, in_queue.c.priority), sa.select(due.c.id, due.c.priority)
+        sa.select(in_queue.c.id, in_queue.c.priority, in_queue.c.size),
+        sa.select(due.c.id, due.c.priority, due.c.size),
     ).subquery()
-    return sa.select(both.c.id).order_by(both.c.priority, both.c.id).limit(count)
+    order = (both.c.priority, both.c.id)
+    if budget is None:
+        return sa.select(both.c.id).order_by(*order).limit(count)
+    before = sa.func.sum(both.c.size).over(order_by=order) - both.c.size
+    ranked = sa.select(both.c.id, both.c.priority, before.label("before")).subquery()
+    return (
+        sa.select(ranked.c.id)
+        .where(ranked.c.before < budget)
+        .order_by(ranked.c.priority, ranked.c.id)
+        .limit(count)
+    )
 
 
 def ids_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]:
@@ -178,15 +197,63 @@ INSERT_TYPES: dict[str, Any] = {
 NOTIFY_CHANNEL = "linger"
 
 
-def announced(stmt: Any, *columns: Any, postgres: bool) -> sa.ClauseElement:
+def announced(stmt: Any, *columns: Any, postgres: bool, counted: bool = False) -> sa.ClauseElement:
     """``stmt`` (an insert or update of messages) returning (channel, id, *columns) of
     each message it made ready. On PostgreSQL it also NOTIFYs each one's channel, tagged
     with :origin (the process), in the same statement: the notifications go out at
-    commit, and a rollback sends none."""
+    commit, and a rollback sends none. PostgreSQL delivers one notification per distinct
+    payload of a transaction: with ``counted`` (statements of many messages), the payload
+    carries how many messages the statement made ready in the channel
+    (``<origin>/<count>:<channel>``), so that as many consumers wake elsewhere."""
     stmt = stmt.returning(m.c.channel, m.c.id, *columns)
     if not postgres:
         returning: sa.ClauseElement = stmt
         return returning
     changed = stmt.cte("changed")
-    payload = sa.func.concat(param("origin", sa.String), ":", changed.c.channel)
+    origin = param("origin", sa.String)
+    if counted:
+        count = sa.func.count().over(partition_by=changed.c.channel)
+        payload = sa.func.concat(origin, "/", count, ":", changed.c.channel)
+    else:
+        payload = sa.func.concat(origin, ":", changed.c.channel)
     return sa.select(*changed.c, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
+
+
+def given_ids(*, postgres: bool) -> sa.ColumnElement[bool]:
+    """``id`` among the ids a batch names, bound as :ids (see ``given``): a lookup of
+    each in the primary key."""
+    if postgres:
+        return m.c.id == sa.any_(param("ids", postgresql.ARRAY(sa.BigInteger)))
+    ids = sa.func.json_each(param("ids", sa.String)).table_valued("value")
+    return m.c.id.in_(sa.select(ids.c.value))
+
+
+def given_leases(*, postgres: bool) -> sa.ColumnElement[bool]:
+    """(id, lease) among the leases a batch presents, bound as :ids and :nonces (SQLite:
+    :ids and :pairs)."""
+    if postgres:
+        pairs = (
+            sa.func.unnest(
+                param("ids", postgresql.ARRAY(sa.BigInteger)),
+                param("nonces", postgresql.ARRAY(sa.BigInteger)),
+            )
+            .table_valued("id", "nonce")
+            .render_derived("given")
+        )
+        chosen = sa.select(pairs.c.id, pairs.c.nonce)
+    else:
+        # One JSON array of [id, lease] pairs: read in one pass.
+        pairs = sa.func.json_each(param("pairs", sa.String)).table_valued("value")
+        chosen = sa.select(
+            sa.func.json_extract(pairs.c.value, "$[0]"), sa.func.json_extract(pairs.c.value, "$[1]")
+        )
+    return sa.and_(given_ids(postgres=postgres), sa.tuple_(m.c.id, m.c.lease).in_(chosen))
+
+
+def given(ids: list[int], nonces: list[int] | None, *, postgres: bool) -> dict[str, Any]:
+    """The parameters of ``given_ids`` / ``given_leases``: arrays on PostgreSQL, JSON
+    arrays on SQLite (which has no array parameters)."""
+    if postgres:
+        return {"ids": ids, "nonces": nonces}
+    pairs = None if nonces is None else json.dumps(list(zip(ids, nonces, strict=True)))
+    return {"ids": json.dumps(ids), "pairs": pairs}

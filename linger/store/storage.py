@@ -8,6 +8,7 @@ from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from linger.store.batches import Batches
 from linger.store.deadletters import DeadLetters
 from linger.store.driver import Driver
 from linger.store.leases import Leases
@@ -29,6 +30,7 @@ class Storage:
         self.driver.ledger = partial(Tally, LedgerStatements(self.driver), self.now)
         self.messages = Messages(self.driver, self.now, origin)
         self.leases = Leases(self.driver, self.now, origin)
+        self.batches = Batches(self.driver, self.now, origin)
         self.dead_letters = DeadLetters(self.driver, self.now, origin)
         self.sweeper = Sweeper(self.driver, self.now, origin)
         self.topics = Topics(self.driver, self.now, origin)

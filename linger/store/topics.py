@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -13,7 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from linger.store.db import bodies, messages, subscriptions
 from linger.store.driver import Driver, Operation, Outcome, Prepared, Row, single
 from linger.store.ledger import Tally, unnoted
-from linger.store.records import Options
+from linger.store.records import NewMessage, Options
 from linger.store.sql import INSERT_TYPES, READY, announced, ms_sql, param
 
 m = messages
@@ -147,6 +147,33 @@ class Topics:
             "origin": self.origin,
         }
         return await self._driver.write(partial(self._publish_operation, params, hlm))
+
+    async def publish_many(
+        self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
+    ) -> list[Published]:
+        """Publish every message of ``batch`` in order, in one transaction (a statement
+        per message: each copies it into every subscribed channel)."""
+        now = self.now()
+        each = [
+            {
+                "topic": topic,
+                "body": message.body,
+                "body_id": None,
+                "content_type": message.content_type,
+                "now": now,
+                "origin": self.origin,
+            }
+            for message in batch
+        ]
+        return await self._driver.write(partial(self._publish_many_operation, each, hlm))
+
+    def _publish_many_operation(
+        self, each: list[dict[str, Any]], hlm: int, ledger: Tally
+    ) -> Operation[list[Published]]:
+        published = []
+        for params in each:
+            published.append((yield from self._publish_operation(params, hlm, ledger)))
+        return published
 
     def _publish_operation(
         self, params: dict[str, Any], hlm: int, ledger: Tally

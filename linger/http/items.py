@@ -1,0 +1,294 @@
+"""Batch request bodies: a JSON array or NDJSON of messages, parsed as it is read.
+
+The body is read in chunks and each item is decoded as soon as it is whole, so a batch
+costs about its messages' bytes and never a copy of the whole body beside them; a body
+past ``--max-batch-bytes`` is refused (413) as soon as it gets there. The batch bodies
+being read at once share one byte budget (``budget.BUDGET_BATCHES`` batches of the
+largest size): a request takes its share as its bytes arrive, and waits for room (its
+client waits too, the body left unread in the socket) when other batches hold it all.
+Parsing yields to the event loop between chunks, so other clients are served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import codecs
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from linger import errors
+from linger.config import Settings
+from linger.http import bodies, params
+from linger.http.budget import Budget
+from linger.store.records import NewMessage
+
+NDJSON = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
+_JSON = ("", "application/json")
+_FIELDS = frozenset(
+    (
+        "body",
+        "encoding",
+        "content_type",
+        "priority",
+        "timeout",
+        "deliver",
+        "linger",
+        "delay",
+        "dead",
+    )
+)
+_OPTIONS = ("priority", "timeout", "deliver", "linger", "delay", "dead")
+_WHITESPACE = " \t\n\r"
+# Room in one item's JSON for the fields beside its body.
+_ITEM_OVERHEAD = 64 * 1024
+_DECODER = json.JSONDecoder()
+
+
+class _Reader:
+    """Reads the body in chunks, each counted against the limit and the budget."""
+
+    _STEP = 1024 * 1024
+
+    def __init__(self, request: web.Request, settings: Settings, budget: Budget) -> None:
+        self._request = request
+        self._limit = settings.max_batch_bytes
+        self._budget = budget
+        self.read = 0
+        self.held = 0
+
+    async def chunk(self) -> bytes:
+        """The next chunk, b"" at the end of the body."""
+        if self.read >= self.held:
+            step = min(self._STEP, self._limit + 1 - self.held)
+            await self._budget.take(step)
+            self.held += step
+        data = await self._request.content.read(min(65536, self.held - self.read))
+        self.read += len(data)
+        if self.read > self._limit:
+            raise errors.MessageTooLarge(f"Request body is larger than {self._limit} bytes.")
+        # Reading a buffered body does not yield: let other clients in between chunks.
+        await asyncio.sleep(0)
+        return data
+
+    def release(self) -> None:
+        self._budget.give(self.held)
+        self.held = 0
+
+
+@asynccontextmanager
+async def reading(
+    request: web.Request, settings: Settings, budget: Budget
+) -> AsyncIterator[_Reader]:
+    limit = settings.max_batch_bytes
+    if (request.content_length or 0) > limit:
+        raise errors.MessageTooLarge(f"Request body is larger than {limit} bytes.")
+    reader = _Reader(request, settings, budget)
+    try:
+        yield reader
+    finally:
+        reader.release()
+
+
+def _label(ndjson: bool, index: int) -> str:
+    return f"Line {index}" if ndjson else f"Item {index}"
+
+
+def item_limit(max_size: int) -> int:
+    """The most JSON text of one item: every byte of its body escaped (``\\u0001``), and
+    its other fields."""
+    return 6 * max_size + _ITEM_OVERHEAD
+
+
+def _too_large(label: str, max_size: int) -> errors.MessageTooLarge:
+    return errors.MessageTooLarge(f"{label}: Message is larger than {max_size} bytes.")
+
+
+def _decoded(decode: Any, text: Any, label: str) -> Any:
+    """``decode(text)``, any failure (nesting too deep included) an error naming ``label``."""
+    try:
+        return decode(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise errors.InvalidParameter(f"{label}: Invalid JSON.") from error
+
+
+async def _json_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int, Any]]:
+    """(index, value) of each element of a JSON array, counted from 0."""
+    decode = codecs.getincrementaldecoder("utf-8")()
+    text, pos, eof = "", 0, False
+    index, state = 0, "start"  # start, first, item, after, end
+    tried = 0  # text length at the last incomplete attempt at an item
+
+    async def more() -> bool:
+        nonlocal text, pos, eof, tried
+        data = await reader.chunk()
+        try:
+            chunk = decode.decode(data, final=not data)
+        except UnicodeDecodeError:
+            raise errors.InvalidParameter("Invalid UTF-8 in the batch.") from None
+        tried -= pos
+        text, pos = text[pos:] + chunk, 0
+        eof = not data
+        return not eof
+
+    while True:
+        while pos < len(text) and text[pos] in _WHITESPACE:
+            pos += 1
+        if pos == len(text):
+            if eof:
+                break
+            await more()
+            continue
+        char = text[pos]
+        if state == "start":
+            if char != "[":
+                raise errors.InvalidParameter("Invalid batch: expected a JSON array.")
+            pos, state = pos + 1, "first"
+        elif state in ("first", "item"):
+            if state == "first" and char == "]":
+                pos, state = pos + 1, "end"
+                continue
+            # An item is decoded once it is whole: after each chunk while it is not, with
+            # at least as much text again as the last try (no quadratic re-parsing).
+            if not eof and len(text) < 2 * tried:
+                await more()
+                continue
+            try:
+                value, end = _DECODER.raw_decode(text, pos)
+            except RecursionError as error:
+                raise errors.InvalidParameter(f"Item {index}: Invalid JSON.") from error
+            except json.JSONDecodeError as error:
+                if eof:
+                    raise errors.InvalidParameter(f"Item {index}: Invalid JSON.") from error
+                if len(text) - pos > item_limit(max_size):
+                    raise _too_large(f"Item {index}", max_size) from None
+                tried = len(text)
+                await more()
+                continue
+            tried = 0
+            yield index, value
+            index, pos, state = index + 1, end, "after"
+        elif state == "after":
+            if char == ",":
+                pos, state = pos + 1, "item"
+            elif char == "]":
+                pos, state = pos + 1, "end"
+            else:
+                raise errors.InvalidParameter(f"Item {index}: Invalid JSON.")
+        else:
+            raise errors.InvalidParameter("Invalid batch: text after the JSON array.")
+    if state != "end":
+        raise errors.InvalidParameter(
+            "Invalid batch: expected a JSON array."
+            if state == "start"
+            else f"Item {index}: Invalid JSON."
+        )
+
+
+async def _ndjson_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line, counted from 1."""
+    buffer = b""
+    number = 0
+    while True:
+        data = await reader.chunk()
+        buffer += data
+        lines = buffer.split(b"\n")
+        buffer = b"" if not data else lines.pop()
+        if len(buffer) > item_limit(max_size):
+            raise _too_large(f"Line {number + len(lines) + 1}", max_size)
+        for line in lines:
+            number += 1
+            if line.strip():
+                yield number, _decoded(json.loads, line, f"Line {number}")
+        if not data:
+            return
+
+
+def _option_values(item: dict[str, Any]) -> dict[str, str]:
+    """An item's options as the query string would give them (JSON null: not given)."""
+    values: dict[str, str] = {}
+    for key in _OPTIONS:
+        value = item.get(key)
+        if value is None:
+            continue
+        kinds = str if key == "dead" else int | str
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            value = "\x00"  # not a valid value of any option
+        values[key] = str(value)
+    return values
+
+
+def message(
+    item: Any, label: str, defaults: dict[str, str], channel: str | None, max_size: int
+) -> NewMessage:
+    """The message an item describes; ``InvalidParameter`` (400) or ``MessageTooLarge``
+    (413) naming ``label`` when it is not a valid one."""
+    if not isinstance(item, dict):
+        raise errors.InvalidParameter(f"{label}: An item must be a JSON object.")
+    unknown = item.keys() - _FIELDS
+    if unknown:
+        raise errors.InvalidParameter(f"{label}: Unknown field {json.dumps(sorted(unknown)[0])}.")
+    text = item.get("body")
+    if not isinstance(text, str):
+        raise errors.InvalidParameter(f"{label}: An item needs a body (a string).")
+    encoding = item.get("encoding", "utf-8")
+    if encoding == "utf-8":
+        try:
+            body = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escaped in the JSON
+            raise errors.InvalidParameter(f"{label}: Invalid UTF-8 in the body.") from None
+        kind = "text/plain"
+    elif encoding == "base64":
+        try:
+            body = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise errors.InvalidParameter(f"{label}: Invalid base64.") from None
+        kind = "application/octet-stream"
+    else:
+        raise errors.InvalidParameter(f"{label}: Invalid encoding.")
+    if not body:
+        raise errors.InvalidParameter(f"{label}: {errors.EmptyMessage.__doc__}")
+    if len(body) > max_size:
+        raise _too_large(label, max_size)
+    given = item.get("content_type")
+    try:
+        if given is not None:
+            if not isinstance(given, str):
+                raise errors.InvalidParameter("Invalid content type.")
+            kind = bodies.content_type(given)
+        if channel is None:  # published: the subscriptions' options apply
+            return NewMessage(body, kind)
+        options = params.options({**defaults, **_option_values(item)}, channel)
+    except errors.InvalidParameter as error:
+        raise errors.InvalidParameter(f"{label}: {error}") from None
+    return NewMessage(body, kind, options)
+
+
+async def read_batch(
+    reader: _Reader,
+    request: web.Request,
+    settings: Settings,
+    defaults: dict[str, str],
+    channel: str | None,
+) -> list[NewMessage]:
+    """The messages of a batch add (``channel``) or publish (None), the query-string
+    options ``defaults`` of every item; all valid, or an error naming the first bad one.
+    Their bytes stay counted in the budget until ``reading`` ends."""
+    kind = request.content_type if hdrs.CONTENT_TYPE in request.headers else ""
+    ndjson = kind in NDJSON
+    if not ndjson and kind not in _JSON:
+        raise errors.UnsupportedMediaType()
+    batch: list[NewMessage] = []
+    items = (_ndjson_items if ndjson else _json_items)(reader, settings.max_size)
+    async for index, item in items:
+        if len(batch) == settings.max_batch:
+            raise errors.InvalidParameter("Too many items.")
+        batch.append(message(item, _label(ndjson, index), defaults, channel, settings.max_size))
+    if not batch:
+        raise errors.InvalidParameter("No messages.")
+    return batch

@@ -1,0 +1,276 @@
+"""Batches: add many messages to a channel, and act on many delivered messages at once
+(delete, touch, release, reject), each batch one transaction.
+
+Where the SQL allows, a batch is one statement: on PostgreSQL the add is one
+``INSERT ... SELECT FROM unnest(<arrays>)`` and every acknowledgement one statement over
+the arrays of ids and lease values. SQLite has no array parameters: its add runs the one
+prepared INSERT once per message inside the group's transaction (in-process, each run is
+a step of the same compiled statement, not a round trip), and its acknowledgements read
+the ids and lease values from JSON arrays. Batch receives are ``Messages.claim`` with a
+count (one claim statement).
+
+A batch names each message once (the HTTP layer refuses one that names a message
+twice). Acknowledgements lock their rows in id order (the ids are sorted, and the group
+runs the batch at its lowest id's place among keyed operations), so batches and single
+operations wait for each other's rows in the same order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from linger import errors
+from linger.store import deadletters, leases
+from linger.store.db import messages
+from linger.store.driver import Driver, Operation, Prepared, Row
+from linger.store.ledger import Tally
+from linger.store.records import DONE, MISSING, STALE, NewMessage
+from linger.store.sql import (
+    INSERT_TYPES,
+    READY,
+    alive,
+    announced,
+    given,
+    given_ids,
+    given_leases,
+    ms,
+    param,
+)
+
+m = messages
+# (message id, lease value or None): what a batch acknowledgement names.
+Named = tuple[int, int | None]
+# The columns a batch add gives per message (the others are the same for all).
+_PER_MESSAGE: dict[str, Any] = {
+    "priority": sa.BigInteger,
+    "timeout": sa.BigInteger,
+    "deliver": sa.BigInteger,
+    "linger": sa.BigInteger,
+    "content_type": sa.Text,
+    "body": sa.LargeBinary,
+    "dead": sa.String,
+    "visible_at": sa.BigInteger,
+    "dead_at": sa.BigInteger,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """What a batch acknowledgement did to each message named (DONE, STALE or MISSING,
+    in the order named), and the channels it made messages ready in, with how many."""
+
+    outcomes: list[str]
+    ready: Counter[str]
+    discarded: int = 0
+
+
+def _add_many_stmt() -> sa.Insert:
+    """PostgreSQL: insert one message per element of the :<column> arrays into :channel."""
+    arrays = [param(name, postgresql.ARRAY(t)) for name, t in _PER_MESSAGE.items()]
+    rows = sa.func.unnest(*arrays).table_valued(*_PER_MESSAGE).render_derived("items")
+    values = {
+        **{name: rows.c[name] for name in _PER_MESSAGE},
+        "channel": param("channel", sa.String),
+        "topic": sa.literal(""),
+        "body_id": sa.null(),
+        "created_at": param("now"),
+        "deliveries": sa.literal_column("0", sa.BigInteger),
+    }
+    return sa.insert(m).from_select(
+        list(INSERT_TYPES), sa.select(*(values[n] for n in INSERT_TYPES))
+    )
+
+
+def _row(message: NewMessage, now: int) -> dict[str, Any]:
+    """The per-message column values of ``message`` added at ``now``."""
+    options = message.options
+    return {
+        "priority": options.priority,
+        "timeout": options.timeout,
+        "deliver": options.deliver,
+        "linger": options.linger,
+        "content_type": message.content_type,
+        "body": message.body,
+        "dead": options.dead,
+        "visible_at": now + ms(options.delay) if options.delay > 0 else READY,
+        "dead_at": now + ms(options.linger) if options.linger > 0 else None,
+    }
+
+
+class Batches:
+    """Batch adds and acknowledgements; times come from ``now`` (clock milliseconds)."""
+
+    def __init__(self, driver: Driver[Tally], now: Callable[[], int], origin: str) -> None:
+        self._driver = driver
+        self.now = now
+        self.origin = origin
+        self._postgres = postgres = driver.postgres
+        prepare = driver.prepare
+        if postgres:
+            self._add = prepare(announced(_add_many_stmt(), postgres=True, counted=True))
+        else:
+            one = sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
+            self._add = prepare(announced(one, postgres=False))
+        by_lease = sa.and_(given_leases(postgres=postgres), alive(param("now")))
+        by_id = sa.and_(given_ids(postgres=postgres), alive(param("now")))
+        gone = (m.c.id, m.c.channel, m.c.body_id)
+        self._delete = {
+            True: prepare(sa.delete(m).where(by_lease).returning(*gone)),
+            False: prepare(sa.delete(m).where(by_id).returning(*gone)),
+        }
+        held = sa.and_(given_leases(postgres=postgres), leases.held_now())
+        self._touch = prepare(sa.update(m).where(held).values(leases.touched()).returning(m.c.id))
+        release = sa.update(m).where(held).values(leases.released())
+        self._release = prepare(announced(release, m.c.visible_at, postgres=postgres, counted=True))
+        move = sa.update(m).where(held, leases.rejectable())
+        move = move.values(deadletters.moved_values("rejected"))
+        self._reject_move = prepare(announced(move, m.c.dead_from, postgres=postgres, counted=True))
+        discard = sa.delete(m).where(held, sa.not_(leases.rejectable()))
+        self._reject_delete = prepare(discard.returning(*gone))
+        self._live = prepare(sa.select(m.c.id).where(by_id))
+
+    async def add(self, channel: str, batch: Sequence[NewMessage], hlm: int = 0) -> list[int]:
+        """Store every message of ``batch`` in ``channel`` (in order: ids ascend) and
+        return their ids; store none and raise ``ChannelFull`` when they would take the
+        channel past ``hlm`` (> 0) live messages."""
+        now = self.now()
+        rows = [_row(message, now) for message in batch]
+        common = {
+            "channel": channel,
+            "now": now,
+            "origin": self.origin,
+            "topic": "",
+            "body_id": None,
+            "created_at": now,
+            "deliveries": 0,
+        }
+        if self._postgres:
+            params: Any = {**common, **{name: [r[name] for r in rows] for name in _PER_MESSAGE}}
+        else:
+            params = [{**common, **row} for row in rows]
+        return await self._driver.write(partial(self._add_operation, channel, params, hlm))
+
+    def _add_operation(
+        self, channel: str, params: Any, hlm: int, ledger: Tally
+    ) -> Operation[list[int]]:
+        if self._postgres:
+            rows = yield self._add, params
+            # Ids come from the sequence in the order of the arrays.
+            ids = sorted(int(row[1]) for row in rows)
+        else:
+            ids = []
+            for one in params:
+                ids.append(int((yield self._add, one)[0][1]))
+        needed = len(ids)
+
+        def refuse(outcome: Any, count: int) -> None:
+            outcome.error = errors.ChannelFull(
+                f"Channel {channel} cannot take {needed} more messages: "
+                f"it is at the high-level mark with {count} messages"
+            )
+
+        ledger.added_all(channel, tuple(ids), hlm=hlm, refuse=refuse)
+        return ids
+
+    async def delete(self, named: Sequence[Named], *, by_lease: bool) -> Acknowledged:
+        """Delete the live messages named (``by_lease``: each only while the lease named
+        is current; else by id, 1.0.1 style)."""
+        return await self._act(self._delete_operation, named, by_lease=by_lease)
+
+    def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[set[int]]:
+        rows = yield self._delete[params["by_lease"]], params
+        for _id, channel, body_id in rows:
+            ledger.removed(channel, body_id)
+        return {int(row[0]) for row in rows}
+
+    async def touch(self, named: Sequence[Named], seconds: int | None) -> Acknowledged:
+        """Restart the leases named, for ``seconds`` (default: each message's timeout)."""
+        return await self._act(self._touch_operation, named, seconds=seconds)
+
+    def _touch_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[set[int]]:
+        return {int(row[0]) for row in (yield self._touch, params)}
+
+    async def release(self, named: Sequence[Named], delay: int) -> Acknowledged:
+        """Give the messages named back: ready at once, or delayed ``delay`` s."""
+        return await self._act(self._release_operation, named, delay=delay)
+
+    def _release_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[set[int]]:
+        rows = yield self._release, params
+        ready: Counter[str] = params["ready"]
+        for channel, _id, visible_at, *_notified in rows:
+            if visible_at == READY:
+                ready[channel] += 1
+        return {int(row[1]) for row in rows}
+
+    async def reject(self, named: Sequence[Named]) -> Acknowledged:
+        """Move the messages named to their dead channels (or discard those that have
+        none or are dead letters already)."""
+        return await self._act(self._reject_operation, named)
+
+    def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[set[int]]:
+        done: set[int] = set()
+        ready: Counter[str] = params["ready"]
+        for dead, message_id, origin, *_notified in (yield self._reject_move, params):
+            ledger.moved(origin, dead)
+            ready[dead] += 1
+            done.add(int(message_id))
+        rows = yield self._reject_delete, params
+        for message_id, channel, body_id in rows:
+            ledger.removed(channel, body_id)
+            done.add(int(message_id))
+        params["discarded"] = len(rows)
+        return done
+
+    async def _act(
+        self,
+        operation: Callable[[dict[str, Any], Tally], Operation[set[int]]],
+        named: Sequence[Named],
+        *,
+        by_lease: bool = True,
+        **extra: Any,
+    ) -> Acknowledged:
+        ordered = sorted(named)
+        ids = [message_id for message_id, _nonce in ordered]
+        nonces = [nonce or 0 for _id, nonce in ordered] if by_lease else None
+        params = {
+            **given(ids, nonces, postgres=self._postgres),
+            "now": self.now(),
+            "origin": self.origin,
+            "by_lease": by_lease,
+            "count": len(ids),
+            **extra,
+        }
+        key = ("message", ids[0]) if ids else ()
+        done, live = await self._driver.write(partial(self._classified, operation, params), key=key)
+        outcomes = [
+            DONE if message_id in done else STALE if message_id in live else MISSING
+            for message_id, _nonce in named
+        ]
+        return Acknowledged(outcomes, params.get("ready", Counter()), params.get("discarded", 0))
+
+    def _classified(
+        self,
+        operation: Callable[[dict[str, Any], Tally], Operation[set[int]]],
+        params: dict[str, Any],
+        ledger: Tally,
+    ) -> Operation[tuple[set[int], set[int]]]:
+        """Run ``operation`` (a retry starts afresh), then look up which of the messages
+        it left alone are still there (their lease was not the current one)."""
+        params["ready"] = Counter()
+        params["discarded"] = 0
+        done = yield from operation(params, ledger)
+        live: set[int] = set()
+        if len(done) < params["count"]:
+            live = {int(row[0]) for row in (yield from _rows(self._live, params))} - done
+        return done, live
+
+
+def _rows(stmt: Prepared, params: dict[str, Any]) -> Operation[list[Row]]:
+    return (yield stmt, params)
