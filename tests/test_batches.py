@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import ClientFactory, Clock, NoDeadlocks
-from .helpers import Client, Probe, add, error, get, raw, stats
+from .helpers import Client, Probe, add, error, get, raw, raw_request, stats, status_of
 from .processes import until
 from .test_lifecycle import detail
 from .test_topics import subscribe
@@ -478,3 +478,21 @@ async def test_any_batch_comes_back_as_sent_in_delivery_order(
         shown = message["body"]
         actual = base64.b64decode(shown) if message["encoding"] == "base64" else shown.encode()
         assert actual == original
+
+
+async def test_stalled_batches_hold_the_budget_only_until_their_deadline(
+    make_client: ClientFactory,
+) -> None:
+    """Clients that declare large batch bodies and send nothing take the whole budget;
+    another batch waits for room and is stored once their body deadline has passed."""
+    client = await make_client(max_batch_bytes=1000, body_timeout=0.5)
+    head = (
+        b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    )
+    stalled = [asyncio.create_task(raw_request(client, head)) for _ in range(4)]
+    await asyncio.sleep(0.1)
+    ids = await add_many(client, "stall", [{"body": "m"}] * 3)
+    assert len(ids) == 3
+    for answer in await asyncio.gather(*stalled):
+        assert status_of(answer) == 408

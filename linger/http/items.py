@@ -4,8 +4,8 @@ The body is read in chunks and each item is decoded as soon as it is whole, so a
 costs about its messages' bytes and never a copy of the whole body beside them; a body
 past ``--max-batch-bytes`` is refused (413) as soon as it gets there. The batch bodies
 being read at once share one byte budget (``budget.BUDGET_BATCHES`` batches of the
-largest size): a request takes its share as its bytes arrive, and waits for room (its
-client waits too, the body left unread in the socket) when other batches hold it all.
+largest size): a request takes its share before it reads, and waits for room (its
+client waits too, the body left unread in the socket) while other batches hold it all.
 Parsing yields to the event loop between chunks, so other clients are served meanwhile.
 """
 
@@ -51,24 +51,16 @@ _DECODER = json.JSONDecoder()
 
 
 class _Reader:
-    """Reads the body in chunks, each counted against the limit and the budget."""
+    """Reads the body in chunks of at most 64 KiB, each counted against the limit."""
 
-    _STEP = 1024 * 1024
-
-    def __init__(self, request: web.Request, settings: Settings, budget: Budget) -> None:
+    def __init__(self, request: web.Request, limit: int) -> None:
         self._request = request
-        self._limit = settings.max_batch_bytes
-        self._budget = budget
+        self._limit = limit
         self.read = 0
-        self.held = 0
 
     async def chunk(self) -> bytes:
         """The next chunk, b"" at the end of the body."""
-        if self.read >= self.held:
-            step = min(self._STEP, self._limit + 1 - self.held)
-            await self._budget.take(step)
-            self.held += step
-        data = await self._request.content.read(min(65536, self.held - self.read))
+        data = await self._request.content.read(65536)
         self.read += len(data)
         if self.read > self._limit:
             raise errors.MessageTooLarge(f"Request body is larger than {self._limit} bytes.")
@@ -76,23 +68,30 @@ class _Reader:
         await asyncio.sleep(0)
         return data
 
-    def release(self) -> None:
-        self._budget.give(self.held)
-        self.held = 0
-
 
 @asynccontextmanager
 async def reading(
     request: web.Request, settings: Settings, budget: Budget
 ) -> AsyncIterator[_Reader]:
+    """A reader of the batch body, its bytes counted in ``budget`` until the block ends.
+
+    A request takes its whole share (its Content-Length, else --max-batch-bytes) before
+    it reads a byte, in order of arrival: no two requests can each hold part of the
+    budget while waiting for the rest. One that finds no room within --body-timeout is
+    told to come back (503 with Retry-After)."""
     limit = settings.max_batch_bytes
     if (request.content_length or 0) > limit:
         raise errors.MessageTooLarge(f"Request body is larger than {limit} bytes.")
-    reader = _Reader(request, settings, budget)
+    share = limit if request.content_length is None else request.content_length
     try:
-        yield reader
+        async with asyncio.timeout(settings.body_timeout):
+            await budget.take(share)
+    except TimeoutError:
+        raise errors.Overloaded("Too many large batches at once, try again later.") from None
+    try:
+        yield _Reader(request, limit)
     finally:
-        reader.release()
+        budget.give(share)
 
 
 def _label(ndjson: bool, index: int) -> str:
