@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql
 from linger import errors
 from linger.store import deadletters, leases
 from linger.store.db import messages
-from linger.store.driver import Driver, Operation, Prepared, Row
+from linger.store.driver import Driver, Operation, single
 from linger.store.ledger import Tally
 from linger.store.records import DONE, MISSING, STALE, NewMessage
 from linger.store.sql import (
@@ -40,6 +40,7 @@ from linger.store.sql import (
     given,
     given_ids,
     given_leases,
+    insert_one,
     ms,
     param,
 )
@@ -68,6 +69,15 @@ class Acknowledged:
 
     outcomes: list[str]
     ready: Counter[str]
+    discarded: int = 0
+
+
+@dataclass(slots=True)
+class _Acted:
+    """What one acknowledgement operation did (a retry starts a fresh one)."""
+
+    done: set[int] = field(default_factory=set)
+    ready: Counter[str] = field(default_factory=Counter)
     discarded: int = 0
 
 
@@ -116,7 +126,7 @@ class Batches:
         if postgres:
             self._add = prepare(announced(_add_many_stmt(), postgres=True, counted=True))
         else:
-            one = sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
+            one = insert_one()
             self._add = prepare(announced(one, postgres=False))
         by_lease = sa.and_(given_leases(postgres=postgres), alive(param("now")))
         by_id = sa.and_(given_ids(postgres=postgres), alive(param("now")))
@@ -184,53 +194,52 @@ class Batches:
         is current; else by id, 1.0.1 style)."""
         return await self._act(self._delete_operation, named, by_lease=by_lease)
 
-    def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[set[int]]:
+    def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[_Acted]:
         rows = yield self._delete[params["by_lease"]], params
         for _id, channel, body_id in rows:
             ledger.removed(channel, body_id)
-        return {int(row[0]) for row in rows}
+        return _Acted({int(row[0]) for row in rows})
 
     async def touch(self, named: Sequence[Named], seconds: int | None) -> Acknowledged:
         """Restart the leases named, for ``seconds`` (default: each message's timeout)."""
         return await self._act(self._touch_operation, named, seconds=seconds)
 
-    def _touch_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[set[int]]:
-        return {int(row[0]) for row in (yield self._touch, params)}
+    def _touch_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[_Acted]:
+        return _Acted({int(row[0]) for row in (yield self._touch, params)})
 
     async def release(self, named: Sequence[Named], delay: int) -> Acknowledged:
         """Give the messages named back: ready at once, or delayed ``delay`` s."""
         return await self._act(self._release_operation, named, delay=delay)
 
-    def _release_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[set[int]]:
-        rows = yield self._release, params
-        ready: Counter[str] = params["ready"]
-        for channel, _id, visible_at, *_notified in rows:
+    def _release_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[_Acted]:
+        acted = _Acted()
+        for channel, message_id, visible_at, *_notified in (yield self._release, params):
+            acted.done.add(int(message_id))
             if visible_at == READY:
-                ready[channel] += 1
-        return {int(row[1]) for row in rows}
+                acted.ready[channel] += 1
+        return acted
 
     async def reject(self, named: Sequence[Named]) -> Acknowledged:
         """Move the messages named to their dead channels (or discard those that have
         none or are dead letters already)."""
         return await self._act(self._reject_operation, named)
 
-    def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[set[int]]:
-        done: set[int] = set()
-        ready: Counter[str] = params["ready"]
+    def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[_Acted]:
+        acted = _Acted()
         for dead, message_id, origin, *_notified in (yield self._reject_move, params):
             ledger.moved(origin, dead)
-            ready[dead] += 1
-            done.add(int(message_id))
+            acted.ready[dead] += 1
+            acted.done.add(int(message_id))
         rows = yield self._reject_delete, params
         for message_id, channel, body_id in rows:
             ledger.removed(channel, body_id)
-            done.add(int(message_id))
-        params["discarded"] = len(rows)
-        return done
+            acted.done.add(int(message_id))
+        acted.discarded = len(rows)
+        return acted
 
     async def _act(
         self,
-        operation: Callable[[dict[str, Any], Tally], Operation[set[int]]],
+        operation: Callable[[dict[str, Any], Tally], Operation[_Acted]],
         named: Sequence[Named],
         *,
         by_lease: bool = True,
@@ -244,33 +253,29 @@ class Batches:
             "now": self.now(),
             "origin": self.origin,
             "by_lease": by_lease,
-            "count": len(ids),
             **extra,
         }
         key = ("message", ids[0]) if ids else ()
-        done, live = await self._driver.write(partial(self._classified, operation, params), key=key)
+        acted, live = await self._driver.write(
+            partial(self._classified, operation, params, len(ids)), key=key
+        )
         outcomes = [
-            DONE if message_id in done else STALE if message_id in live else MISSING
+            DONE if message_id in acted.done else STALE if message_id in live else MISSING
             for message_id, _nonce in named
         ]
-        return Acknowledged(outcomes, params.get("ready", Counter()), params.get("discarded", 0))
+        return Acknowledged(outcomes, acted.ready, acted.discarded)
 
     def _classified(
         self,
-        operation: Callable[[dict[str, Any], Tally], Operation[set[int]]],
+        operation: Callable[[dict[str, Any], Tally], Operation[_Acted]],
         params: dict[str, Any],
+        count: int,
         ledger: Tally,
-    ) -> Operation[tuple[set[int], set[int]]]:
-        """Run ``operation`` (a retry starts afresh), then look up which of the messages
-        it left alone are still there (their lease was not the current one)."""
-        params["ready"] = Counter()
-        params["discarded"] = 0
-        done = yield from operation(params, ledger)
+    ) -> Operation[tuple[_Acted, set[int]]]:
+        """Run ``operation``, then look up which of the ``count`` messages it left alone
+        are still there (their lease was not the current one)."""
+        acted = yield from operation(params, ledger)
         live: set[int] = set()
-        if len(done) < params["count"]:
-            live = {int(row[0]) for row in (yield from _rows(self._live, params))} - done
-        return done, live
-
-
-def _rows(stmt: Prepared, params: dict[str, Any]) -> Operation[list[Row]]:
-    return (yield stmt, params)
+        if len(acted.done) < count:
+            live = {int(row[0]) for row in (yield from single(self._live, params))} - acted.done
+        return acted, live

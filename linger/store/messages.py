@@ -18,7 +18,6 @@ from linger.store.ledger import Tally
 from linger.store.records import Detail, Message, Options
 from linger.store.sql import (
     BATCH,
-    INSERT_TYPES,
     MESSAGE_COLUMNS,
     READY,
     alive,
@@ -28,6 +27,7 @@ from linger.store.sql import (
     first_ready,
     ids_in,
     in_batch,
+    insert_one,
     leased,
     ms,
     ms_sql,
@@ -121,7 +121,7 @@ class Messages:
         self.origin = origin
         postgres = driver.postgres
         prepare = driver.prepare
-        insert = sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
+        insert = insert_one()
         self._add = prepare(announced(insert, postgres=postgres))
         self._claim = prepare(_claim_stmt(postgres))
         self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))

@@ -99,26 +99,27 @@ def first_ready(
     returns: the queue (ix_messages_queue holds no parked message, so messages in flight
     cost nothing) and the parked messages that are due now (the sweeper keeps those few)."""
 
+    # With a ``budget`` (bytes of bodies), the messages chosen end with the first one that
+    # reaches it; a shared body (not in the row) counts as :shared bytes.
+    sized: list[Any] = []
+    if budget is not None:
+        size = sa.case((m.c.body_id.is_(None), sa.func.length(m.c.body)), else_=param("shared"))
+        sized = [size.label("size")]
+
     def look(state: sa.ColumnElement[bool]) -> sa.Subquery:
         chosen = (
-            sa.select(m.c.id, m.c.priority, size)
+            sa.select(m.c.id, m.c.priority, *sized)
             .where(m.c.channel == channel, state, alive(now), sa.true() if where is None else where)
             .order_by(m.c.priority, m.c.id)
             .limit(count)
         )
         return (chosen.with_for_update(skip_locked=True) if lock else chosen).subquery()
 
-    # With a ``budget`` (bytes of bodies), the messages chosen end with the first one that
-    # reaches it; a shared body (not in the row) counts as :shared bytes.
-    size: Any = sa.literal_column("0", sa.BigInteger)
-    if budget is not None:
-        size = sa.case((m.c.body_id.is_(None), sa.func.length(m.c.body)), else_=param("shared"))
-    size = size.label("size")
-    in_queue = look(queued())
-    due = look(sa.and_(parked(), m.c.visible_at <= now))
     both = sa.union_all(
-        sa.select(in_queue.c.id, in_queue.c.priority, in_queue.c.size),
-        sa.select(due.c.id, due.c.priority, due.c.size),
+        *(
+            sa.select(*look(state).c)
+            for state in (queued(), sa.and_(parked(), m.c.visible_at <= now))
+        )
     ).subquery()
     order = (both.c.priority, both.c.id)
     if budget is None:
@@ -175,6 +176,13 @@ MESSAGE_COLUMNS = (
     m.c.dead_reason,
     m.c.body_id,
 )
+
+
+def insert_one() -> sa.Insert:
+    """An INSERT of one message, every column of ``INSERT_TYPES`` bound by name."""
+    return sa.insert(m).values({name: param(name, t) for name, t in INSERT_TYPES.items()})
+
+
 INSERT_TYPES: dict[str, Any] = {
     "channel": sa.String,
     "priority": sa.BigInteger,
