@@ -216,13 +216,8 @@ async def test_killed_listener_connection_is_reestablished(
     a, b = pair
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
-        killed = await conn.fetch(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'linger-listener'"
-        )
-        assert len(killed) == 2
 
-        async def reconnected() -> bool:
+        async def listening() -> bool:
             count = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'linger-listener'"
             )
@@ -230,7 +225,13 @@ async def test_killed_listener_connection_is_reestablished(
                 [(await _json(session, f"{s.base}/stats"))["listener-connected"] for s in pair]
             )
 
-        await until(reconnected, 10)
+        await until(listening, 10)  # each process connects its listener after it starts
+        killed = await conn.fetch(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'linger-listener'"
+        )
+        assert len(killed) == 2
+        await until(listening, 10)
     finally:
         await conn.close()
     for _ in range(5):
