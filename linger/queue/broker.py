@@ -288,6 +288,7 @@ class Broker:
         self.counters["msg-retention"] += swept.retention
         self.counters["msg-discarded"] += swept.discarded
         self.counters["msg-dead"] += swept.dead
+        self._wake(swept.requeued)
         for channel in swept.dead_channels:
             self.notifier.notify(channel)
 

@@ -2,6 +2,9 @@
 which correctness waits for (every query derives states from the clock itself).
 
 - parked messages that are due go back to the queue (the claim's second look stays short);
+  on PostgreSQL this briefly locks messages that are ready, which a claim racing it
+  skips (SKIP LOCKED), so the requeue announces them like an add: the consumer that
+  skipped them wakes again at once instead of at the next poll;
 - messages that used up their deliveries move to their dead channel;
 - messages past their retention, and the other exhausted ones, are deleted;
 - channels that hold nothing and were not long-polled for 180 s are forgotten.
@@ -12,6 +15,7 @@ other transactions hold), so that a sweep never holds other writers up for long.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +41,7 @@ class Swept:
     discarded: int = 0
     dead: int = 0
     dead_channels: set[str] = field(default_factory=set)
+    requeued: Counter[str] = field(default_factory=Counter)
 
 
 def _statements(postgres: bool) -> dict[str, sa.ClauseElement]:
@@ -52,10 +57,11 @@ def _statements(postgres: bool) -> dict[str, sa.ClauseElement]:
     due = sa.and_(parked(), m.c.visible_at <= now, alive(now))
     move = sa.update(m).where(batch(sa.and_(dead, movable), m.c.dead_at))
     return {
-        "requeue": sa.update(m)
-        .where(batch(due, m.c.visible_at))
-        .values(visible_at=READY)
-        .returning(m.c.id),
+        "requeue": announced(
+            sa.update(m).where(batch(due, m.c.visible_at)).values(visible_at=READY),
+            postgres=postgres,
+            counted=True,
+        ),
         "move": announced(
             move.values(deadletters.moved_values("deliveries")), m.c.dead_from, postgres=postgres
         ),
@@ -104,7 +110,11 @@ class Sweeper:
 
     async def sweep(self) -> Swept:
         swept = Swept()
-        await self._batches("requeue", lambda _ledger, _row: None)
+
+        def requeued(_ledger: Tally, row: Any) -> None:
+            swept.requeued[row[0]] += 1
+
+        await self._batches("requeue", requeued)
 
         def moved(ledger: Tally, row: Any) -> None:
             channel, _id, origin = row[:3]
