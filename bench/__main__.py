@@ -16,14 +16,16 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench import scenarios
-from bench.scenarios import QUICK, Failed, Size
+from bench.scenarios import QUICK, Failed, Run, Size
 from bench.servers import Server, free_port, linger_command, postgres_cluster, raise_open_files
 
 BACKENDS = ("memory", "file", "postgres")
-Figure = Callable[[Server, Size], float]
+Figure = Callable[[Server, Size], Run]
+Row = tuple[str, str, str, str, str, str, str]
 SCENARIOS: dict[str, tuple[Figure, str]] = {
     "produce": (scenarios.produce, "msg/s"),
     "consume": (scenarios.consume, "msg/s"),
@@ -38,8 +40,8 @@ SCENARIOS: dict[str, tuple[Figure, str]] = {
 
 
 @contextmanager
-def started(name: str, command: list[str]) -> Iterator[Server]:
-    server = Server(name, command)
+def started(name: str, command: list[str], database_pid: int | None = None) -> Iterator[Server]:
+    server = Server(name, command, database_pid=database_pid)
     server.start()
     try:
         yield server
@@ -47,21 +49,50 @@ def started(name: str, command: list[str]) -> Iterator[Server]:
         server.stop()
 
 
-def measure(command: list[str], name: str, figure: Figure, size: Size, runs: int) -> float:
-    """The median of ``runs`` runs, each on a freshly started server."""
-    values = []
+@dataclass(frozen=True)
+class Measured:
+    """Medians over runs: the rate, and CPU microseconds per message moved."""
+
+    rate: float
+    server_us: float
+    database_us: float | None
+
+    def cpu(self) -> str:
+        if self.database_us is None:
+            return f"{self.server_us:,.0f} µs"
+        return f"{self.server_us:,.0f} + {self.database_us:,.0f} µs"
+
+
+def measure(
+    command: list[str],
+    name: str,
+    figure: Figure,
+    size: Size,
+    runs: int,
+    database_pid: int | None = None,
+) -> Measured:
+    """The medians of ``runs`` runs, each on a freshly started server."""
+    results = []
     for _ in range(runs):
-        with started(name, command) as server:
-            values.append(figure(server, size))
-    return statistics.median(values)
+        with started(name, command, database_pid) as server:
+            results.append(figure(server, size))
+    database = [r.database_us for r in results if r.database_us is not None]
+    return Measured(
+        statistics.median(r.rate for r in results),
+        statistics.median(r.server_us for r in results),
+        statistics.median(database) if database else None,
+    )
 
 
 def http_ceiling(size: Size) -> str:
     """The cycle against aiohttp with nothing behind it: the Python HTTP stack's own
     ceiling, which bounds every Linger figure."""
-    with started("noop", [sys.executable, "-m", "bench.noop"]) as server:
+    with started("noop", [sys.executable, "-m", "bench.noop"]) as server, server.metered() as cpu:
         result = scenarios.wrk(server, "cycle.lua", ["noop"], connections=16, seconds=size.seconds)
-    return f"{result.rate:,.0f} cycles/s (aiohttp answering the cycle with no database)"
+    return (
+        f"{result.rate:,.0f} cycles/s, {cpu.server / result.ops * 1e6:,.0f} µs CPU per cycle "
+        "(aiohttp answering the cycle with no database)"
+    )
 
 
 def generator_ceiling(seconds: float) -> str:
@@ -113,7 +144,7 @@ NOT_IN_ORIGINAL = frozenset({"batch", "batch-produce"})
 
 
 def ratio(value: float, original: float | None) -> str:
-    return f"{value / original:.1f}x" if original else "-"
+    return f"{value / original:.2f}x" if original else "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,13 +191,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{runs} run(s) per figure, {size.seconds:g} s each; medians "
         f"(the original's {', '.join(sorted(SLOW_ON_ORIGINAL))}: one run)\n"
     )
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[Row] = []
     failures = 0
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-        postgres_url = stack.enter_context(postgres_cluster()) if "postgres" in backends else None
+        cluster = stack.enter_context(postgres_cluster()) if "postgres" in backends else None
 
         def command(backend: str) -> list[str]:
-            return linger_command(backend, Path(workdir), postgres_url, args.python)
+            url = cluster.url if cluster else None
+            return linger_command(backend, Path(workdir), url, args.python)
 
         for name in chosen:
             if name == "longpoll":
@@ -186,18 +218,21 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"original {name}: FAILED {error}", file=sys.stderr)
             for backend in backends:
                 try:
-                    value = measure(command(backend), backend, figure, size, runs)
+                    pid = cluster.pid if cluster and backend == "postgres" else None
+                    value = measure(command(backend), backend, figure, size, runs, pid)
                 except Failed as error:
                     failures += 1
-                    rows.append((name, backend, f"FAILED: {error}", "", ""))
+                    rows.append((name, backend, f"FAILED: {error}", "", "", "", ""))
                     continue
                 rows.append(
                     (
                         name,
                         backend,
-                        f"{value:,.0f} {unit}",
-                        f"{original:,.0f}" if original else "-",
-                        ratio(value, original),
+                        f"{value.rate:,.0f} {unit}",
+                        value.cpu(),
+                        f"{original.rate:,.0f}" if original else "-",
+                        original.cpu() if original else "-",
+                        ratio(value.rate, original.rate if original else None),
                     )
                 )
             print_table(rows[-len(backends) :], header=not rows[: -len(backends)])
@@ -208,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _longpoll_rows(
     backends: list[str], command: Callable[[str], list[str]], size: Size, no_original: bool
-) -> list[tuple[str, str, str, str, str]]:
-    rows: list[tuple[str, str, str, str, str]] = []
+) -> list[Row]:
+    rows: list[Row] = []
     original = None
     if not no_original:
         try:
@@ -222,14 +257,17 @@ def _longpoll_rows(
             with started(backend, command(backend)) as server:
                 result = scenarios.longpoll(server, size)
         except Failed as error:
-            rows.append((f"longpoll {size.waiters:,} waiters", backend, f"FAILED: {error}", "", ""))
+            name = f"longpoll {size.waiters:,} waiters"
+            rows.append((name, backend, f"FAILED: {error}", "", "", "", ""))
             continue
         rows.append(
             (
                 f"longpoll {size.waiters:,} waiters",
                 backend,
                 _describe(result),
+                "-",
                 (_describe(original)) if original else "-",
+                "-",
                 ratio(original.p99_ms, result.p99_ms) if original else "-",
             )
         )
@@ -240,10 +278,13 @@ def _describe(result: scenarios.LongPoll) -> str:
     return f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, RSS {result.rss_mb:.0f} MB"
 
 
-def print_table(rows: list[tuple[str, str, str, str, str]], *, header: bool) -> None:
+def print_table(rows: list[Row], *, header: bool) -> None:
     if header:
-        print("| scenario | backend | Linger | original 1.0.1 | ratio |")
-        print("|---|---|---|---|---|")
+        print(
+            "| scenario | backend | Linger | CPU per message (Linger + database) "
+            "| original 1.0.1 | original's CPU | ratio |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |", flush=True)
 

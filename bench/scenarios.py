@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.cpu import Cpu
 from bench.servers import Server
 
 BENCH = Path(__file__).resolve().parent
@@ -50,6 +51,26 @@ QUICK = Size(
     inflight_ready=1_000,
     inflight_hidden=200,
 )
+
+
+@dataclass(frozen=True)
+class Run:
+    """One measurement: its rate, the messages it moved and the CPU they cost."""
+
+    rate: float
+    moved: int
+    cpu: Cpu
+
+    @property
+    def server_us(self) -> float:
+        """Server CPU per message moved, in microseconds."""
+        return self.cpu.server / max(1, self.moved) * 1e6
+
+    @property
+    def database_us(self) -> float | None:
+        if self.cpu.database is None:
+            return None
+        return self.cpu.database / max(1, self.moved) * 1e6
 
 
 @dataclass(frozen=True)
@@ -214,17 +235,18 @@ async def _empty(server: Server, channels: list[str]) -> None:
                 _require(response.status == 204, f"drain {name}: {response.status}")
 
 
-def produce(server: Server, size: Size) -> float:
+def produce(server: Server, size: Size) -> Run:
     """Messages added per second by 16 connections."""
-    result = wrk(
-        server, "produce.lua", ["produce", "1"], connections=16, threads=4, seconds=size.seconds
-    )
+    with server.metered() as cpu:
+        result = wrk(
+            server, "produce.lua", ["produce", "1"], connections=16, threads=4, seconds=size.seconds
+        )
     _require(result.errors == 0, f"produce: {result.errors} errors")
     _accounted("produce", result.ops, 0, server, ["produce"])
-    return result.rate
+    return Run(result.rate, result.ops, cpu)
 
 
-def consume(server: Server, size: Size) -> float:
+def consume(server: Server, size: Size) -> Run:
     """Messages got (?nowait) and deleted per second from a prefilled channel."""
     produced = wrk(
         server,
@@ -235,29 +257,32 @@ def consume(server: Server, size: Size) -> float:
         seconds=size.seconds * 1.5,
     )
     _require(produced.errors == 0, f"consume: {produced.errors} errors while filling")
-    result = wrk(server, "consume.lua", ["consume", "1"], connections=16, seconds=size.seconds)
+    with server.metered() as cpu:
+        result = wrk(server, "consume.lua", ["consume", "1"], connections=16, seconds=size.seconds)
     _require(result.errors == 0, f"consume: {result.errors} errors")
     _require(result.empty == 0, "consume: the channel ran dry, the figure would be low")
     _accounted("consume", produced.ops, result.ops, server, ["consume"])
-    return result.rate
+    return Run(result.rate, result.ops, cpu)
 
 
-def _cycle(server: Server, size: Size, channel: str) -> Wrk:
-    result = wrk(server, "cycle.lua", [channel], connections=16, seconds=size.seconds)
+def _cycle(server: Server, size: Size, channel: str) -> Run:
+    """The cycle on ``channel`` for ``size.seconds``; each cycle moves one message."""
+    with server.metered() as cpu:
+        result = wrk(server, "cycle.lua", [channel], connections=16, seconds=size.seconds)
     _require(result.errors == 0, f"cycle: {result.errors} errors")
-    return result
+    return Run(result.rate, result.ops, cpu)
 
 
-def cycle(server: Server, size: Size) -> float:
+def cycle(server: Server, size: Size) -> Run:
     """Full cycles (POST, GET ?nowait, DELETE) per second by 16 connections."""
     result = _cycle(server, size, "cycle")
     # wrk stops connections mid-cycle: their last acknowledged messages are still queued.
     leftover = drain(server, "cycle")
     _require(leftover <= IN_FLIGHT, f"cycle: {leftover} messages left behind")
-    return result.rate
+    return result
 
 
-def depth(server: Server, size: Size) -> float:
+def depth(server: Server, size: Size) -> Run:
     """The cycle with messages queued in 100 other channels and in the same channel."""
     fill(server, "other", 100, size.depth_other)
     fill(server, "deep", 1, size.depth_same)
@@ -268,10 +293,10 @@ def depth(server: Server, size: Size) -> float:
         f"depth: {ready} ready and {hidden} hidden left",
     )
     asyncio.run(_empty(server, ["deep", *_names("other", 100)]))  # durable backends persist
-    return result.rate
+    return result
 
 
-def inflight(server: Server, size: Size) -> float:
+def inflight(server: Server, size: Size) -> Run:
     """The cycle on a channel that holds many ready messages and, at its head, many
     delivered ones in flight (hidden for an hour): a claim must not pay for them."""
     fill(server, "inflight", 1, size.inflight_hidden, "?timeout=3600")
@@ -285,10 +310,10 @@ def inflight(server: Server, size: Size) -> float:
         f"inflight: {ready} ready and {hidden} hidden left",
     )
     asyncio.run(_empty(server, ["inflight"]))  # durable backends persist
-    return result.rate
+    return result
 
 
-def pubsub(server: Server, size: Size, subscribers: int) -> float:
+def pubsub(server: Server, size: Size, subscribers: int) -> Run:
     """Copies delivered per second: publishes to a topic with ``subscribers`` channels,
     consumers draining them at the same time; every copy is consumed before it counts."""
     topic = f"t{subscribers}"
@@ -303,6 +328,22 @@ def pubsub(server: Server, size: Size, subscribers: int) -> float:
                     _require(response.status == 204, f"subscribe: {response.status}")
 
     asyncio.run(subscribe())
+    with server.metered() as cpu:
+        published, stdout = _publish_while_consuming(server, size, topic, prefix, subscribers)
+    during = _RESULT.search(stdout)
+    _require(
+        published.errors == 0 and during is not None and during.group(2) == "0",
+        f"pub-sub: errors (publish {published.errors}, consume {stdout[-300:]})",
+    )
+    consumed = int(during.group(1)) if during else 0
+    copies = published.ops * subscribers
+    _accounted("pub-sub", copies, consumed, server, _names(prefix, subscribers), subscribers)
+    return Run(copies / published.seconds, copies, cpu)
+
+
+def _publish_while_consuming(
+    server: Server, size: Size, topic: str, prefix: str, subscribers: int
+) -> tuple[Wrk, str]:
     consumers = subprocess.Popen(
         [
             "wrk",
@@ -321,15 +362,7 @@ def pubsub(server: Server, size: Size, subscribers: int) -> float:
     )
     published = wrk(server, "publish.lua", [topic], connections=8, threads=4, seconds=size.seconds)
     stdout, _ = consumers.communicate()
-    during = _RESULT.search(stdout)
-    _require(
-        published.errors == 0 and during is not None and during.group(2) == "0",
-        f"pub-sub: errors (publish {published.errors}, consume {stdout[-300:]})",
-    )
-    consumed = int(during.group(1)) if during else 0
-    copies = published.ops * subscribers
-    _accounted("pub-sub", copies, consumed, server, _names(prefix, subscribers), subscribers)
-    return copies / published.seconds
+    return published, stdout
 
 
 @dataclass(frozen=True)
@@ -480,18 +513,20 @@ def _exactly_once(what: str, seen: _Batches, server: Server, channel: str) -> No
     _require(channel_stats(server, channel) == (0, 0), f"{what}: messages left behind")
 
 
-def batch(server: Server, size: Size) -> float:
+def batch(server: Server, size: Size) -> Run:
     """Messages added, received and deleted per second, in batches of 100: 8 producer and
     8 consumer connections; each message exactly once."""
-    seen = asyncio.run(_batch_run(server, size, "batch", consumers=8))
+    with server.metered() as cpu:  # every message's, those received after the window too
+        seen = asyncio.run(_batch_run(server, size, "batch", consumers=8))
     _exactly_once("batch", seen, server, "batch")
-    return seen.in_window / size.seconds
+    return Run(seen.in_window / size.seconds, len(seen.deleted), cpu)
 
 
-def batch_produce(server: Server, size: Size) -> float:
+def batch_produce(server: Server, size: Size) -> Run:
     """Messages added per second in batches of 100 by 16 connections."""
-    seen = asyncio.run(_batch_run(server, size, "batch-produce", consumers=0))
+    with server.metered() as cpu:
+        seen = asyncio.run(_batch_run(server, size, "batch-produce", consumers=0))
     queued = channel_stats(server, "batch-produce")
     _require(queued == (len(seen.produced), 0), f"batch-produce: {queued} queued")
     asyncio.run(_empty(server, ["batch-produce"]))
-    return len(seen.produced) / size.seconds
+    return Run(len(seen.produced) / size.seconds, len(seen.produced), cpu)

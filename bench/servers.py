@@ -14,8 +14,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
+
+from bench.cpu import Cpu, metered
+
+if TYPE_CHECKING:
+    from tests.pgcluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_VENV = ROOT / "bench" / ".original-venv"
@@ -58,6 +64,8 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    # The PostgreSQL server it uses, whose CPU counts with its own.
+    database_pid: int | None = None
 
     @property
     def base(self) -> str:
@@ -97,6 +105,13 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return 0.0
+
+    @contextlib.contextmanager
+    def metered(self) -> Iterator[Cpu]:
+        """The CPU this server (and its database) used while the block runs."""
+        assert self.process is not None
+        with metered(self.process.pid, self.database_pid) as cpu:
+            yield cpu
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -143,7 +158,7 @@ def original_python() -> Path:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
+def postgres_cluster() -> Iterator[Cluster]:
     """A throwaway PostgreSQL with its defaults for durability (fsync and
     synchronous_commit on) for the length of the benchmark; each Linger started on it
     migrates it (``--migrate``), so that any version of Linger can be measured."""
@@ -151,9 +166,9 @@ def postgres_cluster() -> Iterator[str]:
     from tests.pgcluster import Cluster
 
     cluster = Cluster(durable=True)
-    url = cluster.start()
+    cluster.start()
     try:
-        yield url
+        yield cluster
     finally:
         cluster.stop()
 

@@ -82,6 +82,11 @@ class Cluster:
         return self.url
 
     @property
+    def pid(self) -> int:
+        """The process id of the postmaster."""
+        return int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
+
+    @property
     def log(self) -> Path:
         return self.dir / "log"
 

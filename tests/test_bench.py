@@ -13,29 +13,31 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
+def _bench(backends: str, scenarios: str) -> subprocess.CompletedProcess[str]:
     if shutil.which("wrk") is None:
         if os.environ.get("LINGER_TEST_REQUIRE_TOOLS") == "1":
             pytest.fail("wrk is required but not installed")
         pytest.skip("wrk not installed")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--backends",
-            "memory",
-            "--no-original",
-            "--scenarios",
-            "produce,consume,cycle,depth,pubsub-4,longpoll",
-        ],
+        [sys.executable, "-m", "bench", "--quick", "--backends", backends, "--no-original"]
+        + ["--scenarios", scenarios],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _cpu(row: str) -> list[float]:
+    """The CPU-per-message figures of a table row: Linger's and the database's (µs)."""
+    cell = row.split(" | ")[3]
+    return [float(part.split()[0].replace(",", "")) for part in cell.split(" + ")]
+
+
+def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
+    result = _bench("memory", "produce,consume,cycle,depth,pubsub-4,longpoll")
     assert "load generator ceiling" in result.stdout
     ceiling = next(line for line in result.stdout.splitlines() if line.startswith("Python HTTP"))
     assert float(ceiling.split(": ")[1].split()[0].replace(",", "")) > 0, ceiling
@@ -43,3 +45,17 @@ def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
     for scenario in ("produce", "consume", "cycle", "depth", "pubsub-4", "longpoll"):
         assert any(row.startswith(f"| {scenario}") for row in rows), scenario
     assert "FAILED" not in result.stdout
+    for row in rows:
+        if not row.startswith(("| longpoll", "| scenario")):
+            (linger,) = _cpu(row)
+            assert 0 < linger < 100_000, row
+
+
+@pytest.mark.usefixtures("postgres_admin_url")
+def test_benchmark_counts_the_database_cpu_per_message() -> None:
+    result = _bench("postgres", "cycle,batch")
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    for scenario in ("cycle", "batch"):
+        row = next(row for row in rows if row.startswith(f"| {scenario} "))
+        linger, database = _cpu(row)
+        assert linger > 0 and database > 0, row

@@ -72,7 +72,7 @@ async def get_stats(request: web.Request) -> web.Response:
         "current-messages-hidden": totals.hidden,
         "current-messages-urgent": totals.urgent,
         "current-messages-niced": totals.niced,
-        "current-waiters": broker.notifier.count(),
+        "current-waiters": broker.notifier.asleep(),
         "msg-max-id": await storage.overview.max_id(),
         "msg-max-size": settings.max_size,
         "db-file": settings.db_display,

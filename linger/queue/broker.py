@@ -148,7 +148,10 @@ class Broker:
         relist = loop.time() + _RELIST
         while (remaining := deadline - loop.time()) > 0:
             try:
-                await asyncio.wait_for(waiter.event.wait(), min(remaining, relist - loop.time()))
+                with self.notifier.sleeping():
+                    await asyncio.wait_for(
+                        waiter.event.wait(), min(remaining, relist - loop.time())
+                    )
             except TimeoutError:
                 if loop.time() >= relist and deadline - loop.time() > 0:
                     relist = loop.time() + _RELIST
@@ -194,7 +197,7 @@ class Broker:
             state = await self.storage.messages.readiness(names[start : start + _POLL_BATCH])
             for channel, (ready, next_visible) in state.items():
                 if ready:
-                    self.notifier.notify(channel, min(ready, waiting[channel]))
+                    self.notifier.awake(channel, min(ready, waiting[channel]))
                 if next_visible is not None and (soonest is None or next_visible < soonest):
                     soonest = next_visible
         return None if soonest is None else soonest / 1000

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 
 class Waiter:
@@ -23,6 +23,7 @@ class Notifier:
     def __init__(self) -> None:
         self._waiters: dict[str, dict[Waiter, None]] = {}
         self._count = 0
+        self._asleep = 0
         self.closed = False
 
     def notify(self, channel: str, count: int = 1) -> None:
@@ -33,6 +34,16 @@ class Notifier:
             if not waiter.event.is_set():
                 waiter.event.set()
                 count -= 1
+
+    def awake(self, channel: str, count: int) -> None:
+        """Make sure the ``count`` oldest waiters of ``channel`` are awake: ``count``
+        messages are ready there (a level, where ``notify`` is an edge: a waiter already
+        awake, about to claim, counts, and no younger one is woken to race it)."""
+        for waiter in self._waiters.get(channel, ()):
+            if count <= 0:
+                return
+            waiter.event.set()
+            count -= 1
 
     def channels(self) -> dict[str, int]:
         """Channels with waiters, and how many wait on each."""
@@ -48,6 +59,19 @@ class Notifier:
     def count(self) -> int:
         """Waiters registered now, kept as they come and go (no walk over channels)."""
         return self._count
+
+    def asleep(self) -> int:
+        """Waiters asleep now: registered, and not claiming."""
+        return self._asleep
+
+    @contextmanager
+    def sleeping(self) -> Iterator[None]:
+        """A registered waiter sleeps for the duration of the block."""
+        self._asleep += 1
+        try:
+            yield
+        finally:
+            self._asleep -= 1
 
     @asynccontextmanager
     async def waiter(self, channel: str, alive: Callable[[], bool]) -> AsyncIterator[Waiter]:

@@ -95,10 +95,11 @@ class Sweeper:
             name: driver.prepare(stmt) for name, stmt in _statements(driver.postgres).items()
         }
 
-    async def _batches(self, name: str, note: Callable[[Tally, Any], None]) -> int:
+    async def _batches(
+        self, name: str, params: dict[str, Any], note: Callable[[Tally, Any], None]
+    ) -> int:
         """Run statement ``name`` batch after batch until a batch is not full; return the
         rows it touched."""
-        params = {"now": self.now(), "origin": self.origin, "cutoff": self.now() - POLLED_TTL_MS}
         total = 0
         while True:
             count = await self._driver.write(
@@ -109,12 +110,17 @@ class Sweeper:
                 return total
 
     async def sweep(self) -> Swept:
+        """One sweep. Its statements share one ``now``: a message that expires while
+        the sweep runs waits for the next one, rather than be deleted by the wrong
+        statement (a message past its retention counted as discarded)."""
+        now = self.now()
+        params = {"now": now, "origin": self.origin, "cutoff": now - POLLED_TTL_MS}
         swept = Swept()
 
         def requeued(_ledger: Tally, row: Any) -> None:
             swept.requeued[row[0]] += 1
 
-        await self._batches("requeue", requeued)
+        await self._batches("requeue", params, requeued)
 
         def moved(ledger: Tally, row: Any) -> None:
             channel, _id, origin = row[:3]
@@ -124,10 +130,10 @@ class Sweeper:
         def removed(ledger: Tally, row: Any) -> None:
             ledger.removed(row[0], row[1])
 
-        swept.dead = await self._batches("move", moved)
-        swept.retention = await self._batches("retention", removed)
-        swept.discarded = await self._batches("discard", removed)
-        await self._batches("forget", lambda _ledger, _row: None)
+        swept.dead = await self._batches("move", params, moved)
+        swept.retention = await self._batches("retention", params, removed)
+        swept.discarded = await self._batches("discard", params, removed)
+        await self._batches("forget", params, lambda _ledger, _row: None)
         return swept
 
 
