@@ -6,12 +6,24 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from sqlalchemy.ext.asyncio import AsyncConnection
 from yarl import URL
 
+from linger.http.keys import BROKER
+
 Client = TestClient[Any, Any]
+
+
+@contextlib.asynccontextmanager
+async def connection(client: Client) -> AsyncIterator[AsyncConnection]:
+    """One of the app's own database connections, in a transaction committed at the end
+    (the driver keeps its connections: the engine's pool may have none to spare)."""
+    async with client.app[BROKER].storage.driver.connection() as conn:
+        yield conn
 
 
 def raw(path: str) -> URL:

@@ -10,20 +10,20 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from linger.http.keys import BROKER, ENGINE
+from linger.http.keys import BROKER
 from linger.queue.notifier import Notifier
 from linger.store.db import bodies, channels, messages
 from linger.store.records import Options
 from linger.store.sql import BATCH
 
 from .conftest import ClientFactory, Clock
-from .helpers import Client, add, error, get, server_stats, stats
+from .helpers import Client, add, connection, error, get, server_stats, stats
 from .processes import until
 from .test_topics import publish, subscribe
 
 
 async def _rows(client: Client, stmt: Any) -> list[Any]:
-    async with client.app[ENGINE].connect() as conn:
+    async with connection(client) as conn:
         return list((await conn.execute(stmt)).all())
 
 
@@ -45,11 +45,11 @@ async def test_mark_is_read_from_the_kept_count(make_client: ClientFactory) -> N
     client = await make_client(hlm=5)
     for _ in range(3):
         await add(client, "c")
-    async with client.app[ENGINE].begin() as conn:
+    async with connection(client) as conn:
         await conn.execute(sa.update(channels).where(channels.c.name == "c").values(messages=5))
     response = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
     await error(response, 507, "Channel c is at the high-level mark with 5 messages")
-    async with client.app[ENGINE].begin() as conn:
+    async with connection(client) as conn:
         await conn.execute(sa.update(channels).where(channels.c.name == "c").values(messages=3))
     await add(client, "c")
     assert (await stats(client, "c"))["ready"] == 4
@@ -207,7 +207,7 @@ async def test_sweep_deletes_in_batches_and_counts_everything(
 @pytest.mark.postgres
 async def test_channel_listing_does_not_read_the_messages(client: Client, backend: str) -> None:
     overview = client.app[BROKER].storage.overview
-    async with client.app[ENGINE].connect() as conn:
+    async with connection(client) as conn:
         for stmt in (overview._channels, overview._channel_count):
             args = stmt.args({"cutoff": 0})
             raw = (await conn.get_raw_connection()).driver_connection

@@ -4,18 +4,28 @@ concurrent groups never deadlock, and an exhausted pool is a prompt 503."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from linger.http.keys import BROKER, ENGINE
+from linger.http.keys import BROKER
 from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
 from linger.store.records import Options
 
 from .conftest import ClientFactory, NoDeadlocks
-from .helpers import Client, add, error, get, json_body_of, raw_request, stats, status_of
+from .helpers import (
+    Client,
+    add,
+    connection,
+    error,
+    get,
+    json_body_of,
+    raw_request,
+    stats,
+    status_of,
+)
 from .test_topics import _DROP_TRIGGER, _FAIL_TRIGGER, _execute
 
 QUIET = {"sweep_interval": 60.0, "poll_interval": 60.0}
@@ -170,14 +180,10 @@ async def test_drains_racing_consumers_never_deadlock(
 async def test_exhausted_pool_is_a_prompt_503(client: Client, backend: str) -> None:
     """Every pooled connection held elsewhere (a locked table, piled-up reads): a request
     gets 503 with Retry-After within seconds, never a 500 and never a long hang."""
-    engine = client.app[ENGINE]
     size = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW if backend == "postgresql" else 8
-    held: list[AsyncConnection] = []
-    try:
+    async with contextlib.AsyncExitStack() as held:
         for _ in range(size):
-            conn = await engine.connect()
-            await conn.get_raw_connection()
-            held.append(conn)
+            await held.enter_async_context(connection(client))
         started = time.monotonic()
         read = await client.get("/channels/c/stats")
         write = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
@@ -185,9 +191,6 @@ async def test_exhausted_pool_is_a_prompt_503(client: Client, backend: str) -> N
             await error(response, 503, "The database is busy, try again later.")
             assert response.headers["Retry-After"] == "1"
         assert time.monotonic() - started < 9
-    finally:
-        for conn in held:
-            await conn.close()
     assert (
         await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
     ).status == 202

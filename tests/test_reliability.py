@@ -13,10 +13,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from linger.http.keys import ENGINE
-
 from .conftest import ClientFactory
-from .helpers import Client, add, error, get, server_stats
+from .helpers import Client, add, connection, error, get, server_stats
 from .pgcluster import Cluster, asyncpg_dsn
 from .processes import Server, start_server
 
@@ -46,8 +44,7 @@ async def test_full_sqlite_database_is_507_and_keeps_what_it_has(
 ) -> None:
     client = await make_client(db="sqlite+aiosqlite://")
     kept = await add(client, "c", "kept")
-    engine = client.app[ENGINE]
-    async with engine.connect() as conn:  # the in-memory database's only connection
+    async with connection(client) as conn:  # the in-memory database's only connection
         pages = (await conn.exec_driver_sql("PRAGMA page_count")).scalar_one()
         await conn.exec_driver_sql(f"PRAGMA max_page_count = {pages + 2}")
     statuses = []

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import random
 import sqlite3
+from collections import deque
 from collections.abc import (
     AsyncIterator,
     Awaitable,
@@ -46,7 +47,12 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
-from linger.store.db import POSTGRES_CONNECT_ARGS, POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
+from linger.store.db import (
+    POOL_TIMEOUT,
+    POSTGRES_CONNECT_ARGS,
+    POSTGRES_POOL_OVERFLOW,
+    POSTGRES_POOL_SIZE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +277,99 @@ async def _postgres_operations(
     return outcomes
 
 
+Lent = tuple[AsyncConnection, Any]  # SQLAlchemy's connection, and its driver connection
+
+
+class _Lender:
+    """Driver connections lent to one operation at a time.
+
+    SQLAlchemy's pool makes the connections (with every option and event of the engine)
+    and still bounds them, but checking one out of it and back in for every operation
+    costs more CPU than a short statement: the lender keeps the connections it took and
+    lends them again. It takes at most ``limit`` from the pool, keeps up to ``keep`` idle
+    (the others go back, so that a burst's overflow connections close), and queues the
+    operations beyond ``limit`` for up to ``POOL_TIMEOUT`` seconds, oldest first."""
+
+    def __init__(self, engine: AsyncEngine, limit: int, keep: int) -> None:
+        self._engine = engine
+        self._limit = limit
+        self._keep = keep
+        self._taken = 0  # lent, idle, or being made
+        self._idle: list[Lent] = []
+        # A waiter gets a connection given back, or None: the place of one that went.
+        self._waiting: deque[asyncio.Future[Lent | None]] = deque()
+
+    async def borrow(self) -> Lent:
+        if self._idle:
+            return self._idle.pop()
+        if self._taken < self._limit:
+            self._taken += 1
+        else:
+            lent = await self._wait()
+            if lent is not None:
+                return lent
+        try:
+            conn = await self._engine.connect()
+        except BaseException:
+            self.gone()
+            raise
+        try:
+            return conn, (await conn.get_raw_connection()).driver_connection
+        except BaseException:
+            await conn.invalidate()
+            self.gone()
+            raise
+
+    async def _wait(self) -> Lent | None:
+        future: asyncio.Future[Lent | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), POOL_TIMEOUT)
+        except BaseException as error:
+            if not future.done():
+                future.cancel()
+            elif (lent := future.result()) is not None:
+                await self.give_back(lent)  # handed over just as the wait ended
+            else:
+                self.gone()
+            if isinstance(error, TimeoutError):
+                raise errors.Unavailable("The database is busy, try again later.") from error
+            raise
+
+    def _next_waiter(self) -> asyncio.Future[Lent | None] | None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                return waiter
+        return None
+
+    async def give_back(self, lent: Lent) -> None:
+        """A lent connection in good order (no transaction open) is free again."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(lent)
+        elif len(self._idle) < self._keep:
+            self._idle.append(lent)
+        else:
+            self._taken -= 1
+            await lent[0].close()  # to the pool, which may close it
+
+    def gone(self) -> None:
+        """A lent connection was invalidated (or never made): its place is free."""
+        waiter = self._next_waiter()
+        if waiter is not None:
+            waiter.set_result(None)
+        else:
+            self._taken -= 1
+
+    async def close(self) -> None:
+        """Give the idle connections back to the pool (before the engine is disposed)."""
+        idle, self._idle = self._idle, []
+        for conn, _raw in idle:
+            self._taken -= 1
+            await conn.close()
+
+
 class Driver(Generic[L]):
     """Compiles statements for ``engine``'s dialect and runs operations on it; each write
     group settles a fresh ``ledger()``, which the storage layer sets."""
@@ -289,6 +388,11 @@ class Driver(Generic[L]):
         # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
         # with another's commit.
         self._max_committers = _POSTGRES_COMMITTERS if self.postgres else 1
+        if self.postgres:
+            limit, keep = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
+        else:
+            limit = keep = engine.pool.size()  # type: ignore[attr-defined]
+        self._lender = _Lender(engine, limit, keep)
 
     def prepare(self, stmt: ClauseElement) -> Prepared:
         compiled = stmt.compile(
@@ -303,22 +407,22 @@ class Driver(Generic[L]):
         """A pooled driver connection; unreachable-database errors become
         ``errors.Unavailable`` and the broken connection is dropped from the pool."""
         try:
-            conn: AsyncConnection = await self._engine.connect()
+            conn, raw = await self._lender.borrow()
         except exc.TimeoutError as error:  # every pooled connection is in use
             raise errors.Unavailable("The database is busy, try again later.") from error
         except _CONNECT_ERRORS as error:
             raise errors.Unavailable() from error
-        raw: Any = None
+        healthy = False
         try:
-            raw = (await conn.get_raw_connection()).driver_connection
             if self.postgres and raw.is_closed():
                 raise _StaleConnection()
             yield raw
+            healthy = not self._in_transaction(raw)
         except _StaleConnection:
-            await conn.invalidate()
+            await self._invalidate(conn)
             raise
         except _LOST as error:
-            await conn.invalidate()
+            await self._invalidate(conn)
             raise errors.Unavailable() from error
         except (sqlite3.OperationalError, asyncpg.DiskFullError) as error:
             if _is_busy(error):
@@ -328,13 +432,42 @@ class Driver(Generic[L]):
                 raise errors.StorageFull() from error
             raise
         except Exception as error:
-            if self.postgres and raw is not None and raw.is_closed():
+            if self.postgres and raw.is_closed():
                 # Whatever asyncpg raised, a closed connection means the database went away.
-                await conn.invalidate()
+                await self._invalidate(conn)
                 raise errors.Unavailable() from error
             raise
         finally:
-            await conn.close()
+            if healthy:
+                await self._lender.give_back((conn, raw))
+            elif not conn.invalidated:
+                # Failed or cancelled midway: to the pool, whose reset rolls back.
+                self._lender.gone()
+                await conn.close()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection]:
+        """One of the driver's connections for work outside operations (maintenance,
+        tests); what it began is committed at the end of the block (rolled back on an
+        error). No operation runs on it meanwhile."""
+        conn, raw = await self._lender.borrow()
+        try:
+            yield conn
+            if conn.in_transaction():
+                await conn.commit()
+        except BaseException:
+            if not conn.invalidated:
+                await conn.close()
+            self._lender.gone()
+            raise
+        await self._lender.give_back((conn, raw))
+
+    async def _invalidate(self, conn: AsyncConnection) -> None:
+        await conn.invalidate()
+        self._lender.gone()
+
+    def _in_transaction(self, raw: Any) -> bool:
+        return bool(raw.is_in_transaction() if self.postgres else raw.in_transaction)
 
     async def read(self, factory: ReadFactory[T]) -> T:
         """Run a read-only operation on a pooled connection, outside any group."""
@@ -460,9 +593,10 @@ class Driver(Generic[L]):
             return outcomes
 
     async def close(self) -> None:
-        """Wait for the operations already submitted."""
+        """Wait for the operations already submitted, then give the connections back."""
         if self._tasks:
             await asyncio.wait(self._tasks)
+        await self._lender.close()
 
 
 LISTEN_PING_TIMEOUT = 10.0
