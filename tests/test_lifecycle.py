@@ -386,7 +386,9 @@ async def test_a_flood_of_forged_leases_changes_nothing_and_holds_nobody_up(
             )
         )
     assert {r.status for r in responses} <= {400, 409}
-    assert probe.worst < 0.5, probe.worst
+    # The probe queues behind the 400 requests sent at once from the same event loop
+    # (~0.2 s here); a server frozen by them would take seconds.
+    assert probe.worst < 1.0, probe.worst
     assert await stats(client, "c") == {"ready": 0, "hidden": 20}
     for message_id, lease, _response in held:
         assert (await act(client, message_id, "delete", lease=lease)).status == 204
