@@ -39,7 +39,11 @@ for _name in [name for name in os.environ if name.startswith("LINGER_")]:
 BACKENDS = [
     pytest.param("sqlite", marks=pytest.mark.sqlite),
     pytest.param("postgres", marks=pytest.mark.postgres),
+    # The in-memory database (the default), whose statements the driver runs on the
+    # event loop itself: the message paths run on it too (MEMORY_MODULES).
+    pytest.param("memory", marks=pytest.mark.sqlite),
 ]
+MEMORY_MODULES = frozenset({"test_messages", "test_batches", "test_lifecycle"})
 TEST_DB = "linger_test"
 T = TypeVar("T")
 
@@ -74,14 +78,19 @@ async def _admin(url: str, *statements: str) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test marked for one backend does not run on the other one's parameter."""
+    """A test marked for one backend does not run on the other one's parameter; the
+    in-memory database runs the modules of the message paths."""
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("database_url") if callspec else None
-        other = {"sqlite": "postgres", "postgres": "sqlite"}.get(str(backend))
-        (drop if other and item.get_closest_marker(other) else keep).append(item)
+        other = {"sqlite": "postgres", "postgres": "sqlite", "memory": "postgres"}.get(str(backend))
+        elsewhere = backend == "memory" and (
+            item.module.__name__.split(".")[-1] not in MEMORY_MODULES
+            or item.get_closest_marker("durable") is not None
+        )
+        (drop if elsewhere or (other and item.get_closest_marker(other)) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -183,6 +192,8 @@ async def _truncate(url: str) -> None:
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'linger.db'}"
+    if request.param == "memory":
+        return "sqlite+aiosqlite://"
     url: str = request.getfixturevalue("postgres_url")
     await _truncate(url)
     return url

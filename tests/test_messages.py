@@ -23,6 +23,7 @@ async def test_root_returns_welcome_and_server_id(client: Client) -> None:
     assert body["id"] == (await server_stats(client))["id"]
 
 
+@pytest.mark.durable
 async def test_server_id_survives_restart(make_client: ClientFactory) -> None:
     first = await make_client()
     server_id = (await (await first.get("/")).json())["id"]
@@ -376,6 +377,7 @@ async def test_stats_of_unknown_channel_are_zero(client: Client) -> None:
     assert await stats(client, "nobody") == {"ready": 0, "hidden": 0}
 
 
+@pytest.mark.durable
 async def test_ids_increase_and_are_never_reused(make_client: ClientFactory) -> None:
     client = await make_client()
     first = await add(client, "c", "a")
@@ -464,6 +466,7 @@ async def test_stats_counts_every_state_and_event(client: Client, clock: Clock) 
     assert (await server_stats(client))["current-messages-hidden"] == 1
 
 
+@pytest.mark.durable
 async def test_stats_name_the_database_without_its_password(
     make_client: ClientFactory, database_url: str, backend: str
 ) -> None:

@@ -190,6 +190,9 @@ def create_engine(
         # One connection holds the whole in-memory database: checkouts must queue for it
         # (StaticPool would share it between concurrent transactions), and it must never
         # be recycled.
+        # The driver runs its short statements on the event loop's thread as well as
+        # in aiosqlite's (one user at a time: it lends the connection to one operation).
+        options["connect_args"]["check_same_thread"] = False
         options.update(
             poolclass=AsyncAdaptedQueuePool,
             pool_size=1,
