@@ -24,11 +24,14 @@ from linger.http.keys import (
     DRAINING,
     ENGINE,
     LISTENER,
+    METRICS,
     SERVER_ID,
     SETTINGS,
     STARTED,
 )
+from linger.http.metrics import Metrics
 from linger.http.middleware import error_middleware
+from linger.http.observe import echo_request_id, observe_middleware
 from linger.http.routes import ROUTES
 from linger.queue.broker import Broker
 from linger.queue.listener import Listener
@@ -68,6 +71,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 max_waiters=settings.max_waiters,
             )
             app[BROKER] = broker
+            metrics = app[METRICS] = Metrics(broker, settings.metrics_channels)
             tasks = [
                 asyncio.create_task(broker.run_poller()),
                 asyncio.create_task(broker.run_sweeper(settings.sweep_interval)),
@@ -77,6 +81,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                     engine, origin, broker.notifier.notify, on_connect=broker.poll_soon
                 )
                 app[LISTENER] = listener
+                metrics.listener_connected = listener.connected
                 tasks.append(asyncio.create_task(listener.run()))
             logger.info(
                 "Linger %s on http://%s:%d, database %s",
@@ -103,13 +108,14 @@ async def _wake_waiters(app: web.Application) -> None:
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
     """The Linger application; its database is opened when the app starts."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware])
     app[SETTINGS] = settings
     app[BATCH_BUDGET] = Budget(BUDGET_BATCHES * settings.max_batch_bytes)
     app[STARTED] = time.time()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))
     app.on_shutdown.append(_wake_waiters)
+    app.on_response_prepare.append(echo_request_id)
     app.router.add_routes(ROUTES)
     return app
 
@@ -124,10 +130,6 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-# The client as nginx saw it (X-Forwarded-For), then the peer, the request and its result.
-ACCESS_LOG_FORMAT = '%{X-Forwarded-For}i %a "%r" %s %b %Tf'
-
-
 async def _serve(settings: Settings, sock: socket.socket, started: Callable[[], None]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -138,8 +140,7 @@ async def _serve(settings: Settings, sock: socket.socket, started: Callable[[], 
         sock,
         stop,
         started,
-        access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        access_log_format=ACCESS_LOG_FORMAT,
+        access_log=logging.getLogger("linger.access") if settings.access_log else None,
         shutdown_timeout=5.0,
     )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any, NoReturn
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from linger import __version__
+from linger import __version__, logs
 from linger.config import Settings, sqlite_url
 
 _DEFAULTS = Settings()
@@ -54,10 +53,11 @@ _boolean.__name__ = "boolean"
 
 def _choice(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        value = str(text).strip().upper()
-        if value not in choices:
-            raise ValueError(text)
-        return value
+        value = str(text).strip().lower()
+        for choice in choices:  # in any case, given as spelled in ``choices``
+            if choice.lower() == value:
+                return choice
+        raise ValueError(text)
 
     parse.__name__ = " or ".join(choices)
     return parse
@@ -156,6 +156,13 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         _choice("DEBUG", "INFO", "WARNING", "ERROR"),
         _DEFAULTS.log_level,
         "logging level",
+    ),
+    ("log-format", _choice("text", "json"), _DEFAULTS.log_format, "log lines as text or JSON"),
+    (
+        "metrics-channels",
+        _bounded_int(1, 100_000),
+        _DEFAULTS.metrics_channels,
+        "the deepest channels whose depth and age /metrics shows",
     ),
 ]
 _FLAGS = {"migrate", "access-log"}
@@ -260,11 +267,7 @@ class _MalformedRequestFilter(logging.Filter):
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.getLogger("aiohttp.server").addFilter(_MalformedRequestFilter())
     if settings.workers > 1:

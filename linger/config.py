@@ -28,6 +28,8 @@ class Settings:
     migrate: bool = False
     access_log: bool = False
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_channels: int = 1000
     workers: int = 1
     # 0: what the open-files limit allows.
     max_connections: int = 0

@@ -87,8 +87,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         backend = callspec.params.get("database_url") if callspec else None
         other = {"sqlite": "postgres", "postgres": "sqlite", "memory": "postgres"}.get(str(backend))
         elsewhere = backend == "memory" and (
-            item.path.stem not in MEMORY_MODULES
-            or item.get_closest_marker("durable") is not None
+            item.path.stem not in MEMORY_MODULES or item.get_closest_marker("durable") is not None
         )
         (drop if elsewhere or (other and item.get_closest_marker(other)) else keep).append(item)
     if drop:

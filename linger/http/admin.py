@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -9,8 +10,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from linger import __version__
-from linger.http.keys import LISTENER, SERVER_ID, SETTINGS, STARTED, broker_of
+from linger import __version__, errors
+from linger.http.keys import LISTENER, METRICS, SERVER_ID, SETTINGS, STARTED, broker_of
+from linger.http.metrics import CONTENT_TYPE
+from linger.http.responses import error_response
+from linger.store import db
+
+# How long /ready waits for the database.
+READY_TIMEOUT = 5.0
 
 _OPENAPI = (Path(__file__).parent / "openapi.json").read_bytes()
 
@@ -82,3 +89,30 @@ async def get_stats(request: web.Request) -> web.Response:
     if LISTENER in app:
         stats["listener-connected"] = app[LISTENER].connected.is_set()
     return web.json_response(stats)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition; while the database is down, the process's metrics
+    with ``linger_database_up 0``."""
+    body = await request.app[METRICS].scrape()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def get_health(request: web.Request) -> web.Response:
+    """The process runs (a liveness check: it asks nothing of the database)."""
+    return web.json_response({"status": "ok"})
+
+
+async def get_ready(request: web.Request) -> web.Response:
+    """200 when the database answers and its schema is current, else 503 and why (for
+    load balancers and orchestrators)."""
+    overview = broker_of(request).storage.overview
+    try:
+        revision = await asyncio.wait_for(overview.revision(), READY_TIMEOUT)
+    except (errors.LingerError, TimeoutError):
+        return error_response(503, "The database is unavailable.", {"Retry-After": "1"})
+    if revision != db.head():
+        return error_response(
+            503, f"The database schema is not at revision {db.head()}.", {"Retry-After": "1"}
+        )
+    return web.json_response({"status": "ready"})

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from linger.config import Settings
 from linger.http.budget import Budget
+from linger.http.metrics import Metrics
 from linger.queue.broker import Broker
 from linger.queue.listener import Listener
 
@@ -18,6 +19,7 @@ SERVER_ID = web.AppKey("server_id", str)
 STARTED = web.AppKey("started", float)
 LISTENER = web.AppKey("listener", Listener)
 ENGINE = web.AppKey("engine", AsyncEngine)
+METRICS = web.AppKey("metrics", Metrics)
 # The bytes that the batch bodies being read at once may hold.
 BATCH_BUDGET = web.AppKey("batch_budget", Budget)
 # Set when the process stops: every response from then on closes its connection.

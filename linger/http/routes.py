@@ -5,7 +5,14 @@ from __future__ import annotations
 from aiohttp import web
 
 from linger.http import bodies
-from linger.http.admin import get_openapi, get_root, get_stats
+from linger.http.admin import (
+    get_health,
+    get_metrics,
+    get_openapi,
+    get_ready,
+    get_root,
+    get_stats,
+)
 from linger.http.batches import (
     ack_limit,
     delete_messages,
@@ -90,4 +97,7 @@ ROUTES = [
     web.post("/messages/{id:[0-9]+}/reject", reject_message, name="reject_message"),
     web.get("/stats", get_stats, name="stats", allow_head=False),
     web.get("/openapi.json", get_openapi, name="openapi", allow_head=False),
+    web.get("/metrics", get_metrics, name="metrics", allow_head=False),
+    web.get("/health", get_health, name="health", allow_head=False),
+    web.get("/ready", get_ready, name="ready", allow_head=False),
 ]

@@ -23,11 +23,11 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_log import AccessLogger
 from aiohttp.web_request import BaseRequest
 
 from linger.config import Settings
 from linger.http.keys import DRAINING, SETTINGS
+from linger.http.observe import AccessLogger
 from linger.http.responses import error_response, header_value
 
 logger = logging.getLogger(__name__)

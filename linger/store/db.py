@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from pathlib import Path
@@ -247,6 +248,7 @@ def alembic_config(connection: sa.Connection | None = None) -> Config:
     return cfg
 
 
+@functools.cache
 def head() -> str:
     """The newest migration revision."""
     return str(ScriptDirectory.from_config(alembic_config()).get_current_head())

@@ -22,9 +22,11 @@ one operation).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import sqlite3
+import time
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -47,6 +49,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from linger import errors
+from linger.logs import REQUEST_ID
 from linger.store.db import (
     POOL_TIMEOUT,
     POSTGRES_CONNECT_ARGS,
@@ -165,6 +168,8 @@ class _Pending(Generic[L]):
     atomic: bool
     key: tuple[Any, ...]
     alone: bool
+    # The request it serves, for the log lines about it (committers serve many).
+    request_id: str | None = None
 
 
 class _StaleConnection(Exception):
@@ -393,6 +398,11 @@ class Driver(Generic[L]):
         else:
             limit = keep = engine.pool.size()  # type: ignore[attr-defined]
         self._lender = _Lender(engine, limit, keep)
+        # Observers (metrics): each group's size and seconds, each read's seconds, and
+        # how many operations found the database unavailable.
+        self.on_group: Callable[[int, float], None] | None = None
+        self.on_read: Callable[[float], None] | None = None
+        self.unavailable = 0
         # An in-memory database neither waits for a disk nor shares its connection: its
         # short statements run right on the event loop, which saves two thread switches
         # per operation. Groups run alone (sweeps, drains: many rows) still go to
@@ -483,7 +493,15 @@ class Driver(Generic[L]):
                     return _drive_sync(raw._conn, factory())
                 return await _drive_async(_fetcher(raw, self.postgres), factory())
 
-        result: T = _result(await _skipping_stale(attempt))
+        started = time.perf_counter()
+        try:
+            result: T = _result(await _skipping_stale(attempt))
+        except errors.Unavailable:
+            self.unavailable += 1
+            raise
+        finally:
+            if self.on_read is not None:
+                self.on_read(time.perf_counter() - started)
         return result
 
     async def write(
@@ -507,10 +525,11 @@ class Driver(Generic[L]):
         rows, which should hold nothing else).
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(factory, future, atomic, key, alone))
+        self._pending.append(_Pending(factory, future, atomic, key, alone, REQUEST_ID.get()))
         if self._committers < self._max_committers:
             self._committers += 1
-            task = asyncio.create_task(self._commit_pending())
+            # A context of its own: it serves many requests, not the one that started it.
+            task = asyncio.create_task(self._commit_pending(), context=contextvars.Context())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
@@ -518,7 +537,11 @@ class Driver(Generic[L]):
     async def _commit_pending(self) -> None:
         try:
             while self._pending:
-                await self._commit(self._next_group())
+                group = self._next_group()
+                size, started = len(group), time.perf_counter()
+                await self._commit(group)
+                if self.on_group is not None:
+                    self.on_group(size, time.perf_counter() - started)
         finally:
             self._committers -= 1
 
@@ -543,8 +566,13 @@ class Driver(Generic[L]):
             try:
                 outcomes = await self._run_group(group)
             except _OperationFailed as failure:
-                logger.error("database operation failed", exc_info=failure.__cause__)
-                _settle(group.pop(failure.index).future, error=errors.DatabaseError())
+                failed = group.pop(failure.index)
+                logger.error(
+                    "database operation failed",
+                    exc_info=failure.__cause__,
+                    extra={"request_id": failed.request_id},
+                )
+                _settle(failed.future, error=errors.DatabaseError())
                 continue
             except _RETRYABLE as error:
                 attempts += 1
@@ -554,9 +582,12 @@ class Driver(Generic[L]):
                     continue
                 outcomes_error: errors.LingerError = errors.Unavailable()
             except (errors.Unavailable, errors.StorageFull) as error:
+                if isinstance(error, errors.Unavailable):
+                    self.unavailable += len(group)
                 outcomes_error = error
             except Exception:
-                logger.exception("database transaction failed")
+                ids = ",".join(p.request_id for p in group if p.request_id)
+                logger.exception("database transaction failed", extra={"request_id": ids or None})
                 outcomes_error = errors.DatabaseError()
             else:
                 for pending, outcome in zip(group, outcomes, strict=True):
@@ -570,9 +601,7 @@ class Driver(Generic[L]):
         factories = [pending.factory for pending in group]
         autocommit = len(group) == 1 and not group[0].atomic
         inline = self._inline and not group[0].alone
-        return await _skipping_stale(
-            partial(self._run_group_once, factories, autocommit, inline)
-        )
+        return await _skipping_stale(partial(self._run_group_once, factories, autocommit, inline))
 
     async def _run_group_once(
         self, factories: list[WriteFactory[L]], autocommit: bool, inline: bool

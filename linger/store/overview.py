@@ -12,8 +12,8 @@ from linger.store.db import channels, messages, subscriptions
 from linger.store.driver import Driver, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.messages import POLLED_TTL_MS
-from linger.store.records import Totals
-from linger.store.sql import alive, param
+from linger.store.records import Depth, Totals
+from linger.store.sql import alive, delayed, leased, param, ready
 
 m = messages
 
@@ -56,6 +56,8 @@ class Overview:
                 else "SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
             )
         )
+        self._depths = prepare(_depths_stmt())
+        self._revision = prepare(sa.text("SELECT version_num FROM alembic_version"))
         listed = _listed()
         self._channels = prepare(listed)
         self._channel_count = prepare(sa.select(sa.func.count()).select_from(listed.subquery()))
@@ -66,6 +68,24 @@ class Overview:
     async def totals(self) -> Totals:
         row = (await self._read(self._totals, now=self.now()))[0]
         return Totals(*(int(value) for value in row))
+
+    async def depths(self, limit: int) -> list[Depth]:
+        """The ``limit`` deepest channels (by their kept count), each one's live messages
+        by state and the creation time of its oldest ready one: one statement, which
+        reads the messages of those channels only."""
+        now = self.now()
+        rows = await self._read(self._depths, now=now, limit=limit)
+        return [
+            Depth(
+                name, int(ready), int(hidden), int(waiting), None if oldest is None else int(oldest)
+            )
+            for name, ready, hidden, waiting, oldest in rows
+        ]
+
+    async def revision(self) -> str | None:
+        """The schema revision the database is at (None: not migrated at all)."""
+        rows = await self._read(self._revision)
+        return str(rows[0][0]) if rows else None
 
     async def max_id(self) -> int:
         rows = await self._read(self._max_id)
@@ -79,3 +99,29 @@ class Overview:
     async def channel_count(self) -> int:
         rows = await self._read(self._channel_count, cutoff=self.now() - POLLED_TTL_MS)
         return int(rows[0][0])
+
+
+def _depths_stmt() -> sa.Select[Any]:
+    now = param("now")
+    deepest = (
+        sa.select(channels.c.name)
+        .where(channels.c.messages > 0)
+        .order_by(channels.c.messages.desc(), channels.c.name)
+        .limit(param("limit"))
+        .subquery()
+    )
+
+    def count(condition: sa.ColumnElement[bool]) -> Any:
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+    return (
+        sa.select(
+            m.c.channel,
+            count(ready(now)),
+            count(leased(now)),
+            count(delayed(now)),
+            sa.func.min(sa.case((ready(now), m.c.created_at))),
+        )
+        .where(m.c.channel.in_(sa.select(deepest.c.name)), alive(now))
+        .group_by(m.c.channel)
+    )

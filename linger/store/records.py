@@ -60,6 +60,18 @@ class Totals:
 
 
 @dataclass(frozen=True, slots=True)
+class Depth:
+    """A channel's live messages by state, and when its oldest ready one was added (clock
+    milliseconds; None when none is ready)."""
+
+    channel: str
+    ready: int
+    hidden: int
+    delayed: int
+    oldest_ready: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Detail:
     """A channel's counts by state (``hidden``: leased only), the age of its oldest ready
     message (s), and the channels whose dead letters it holds."""
