@@ -6,12 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import sqlalchemy as sa
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from linger import logs
@@ -332,3 +338,52 @@ async def test_a_database_error_is_logged_once_with_its_request_id(
     failures = [r for r in caplog.records if r.getMessage() == "database operation failed"]
     assert len(failures) == 1
     assert getattr(failures[0], "request_id", None) == "req-13"
+
+
+DEPLOY = Path(__file__).parent.parent / "deploy"
+_NAME = re.compile(r"\b((?:linger|process)_[a-z_]+)")
+_SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+def _exposed(name: str, samples: dict[Any, float]) -> bool:
+    names = {sample_name for sample_name, _labels in samples}
+    return name in names or any(
+        name.endswith(suffix) and name[: -len(suffix)] + suffix in names for suffix in _SUFFIXES
+    )
+
+
+async def test_alert_rules_and_dashboard_use_metrics_that_exist(client: Client) -> None:
+    """Every metric that the rules and the dashboard query is one /metrics exposes (after
+    some traffic, so that the labelled series exist)."""
+    await add(client, "c")
+    await get(client, "c")
+    samples = await scrape(client)
+    rules = yaml.safe_load((DEPLOY / "linger-alerts.yml").read_text())
+    exprs = [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    for rule in (rule for group in rules["groups"] for rule in group["rules"]):
+        assert {"alert", "expr", "labels", "annotations"} <= rule.keys(), rule
+    dashboard = json.loads((DEPLOY / "grafana-dashboard.json").read_text())
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in _NAME.findall(expr)}
+    assert "linger_oldest_ready_age_seconds" in used
+    missing = {
+        name
+        for name in used
+        if not _exposed(name, samples) and name != "linger_listener_connected"  # PostgreSQL
+    }
+    assert not missing
+
+
+def test_alert_rules_pass_promtool_when_it_is_installed() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("LINGER_TEST_REQUIRE_TOOLS") == "1":
+            pytest.fail("promtool is required but not installed")
+        pytest.skip("promtool not installed (Debian: prometheus); the rules are parsed above")
+    result = subprocess.run(
+        [promtool, "check", "rules", str(DEPLOY / "linger-alerts.yml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

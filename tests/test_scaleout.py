@@ -388,6 +388,17 @@ async def test_nginx_in_front_of_two_processes(
     ) as response:
         assert response.status == 413
         assert "error" in await response.json(content_type=None)
+    # Request ids: the client's passes through, else nginx makes one; /metrics is served
+    # to this machine, /ready and /health to anyone.
+    async with session.get(f"{base}/ready", headers={"X-Request-Id": "edge-7"}) as response:
+        assert response.status == 200
+        assert response.headers["X-Request-Id"] == "edge-7"
+    async with session.get(f"{base}/health") as response:
+        assert response.status == 200
+        assert len(response.headers["X-Request-Id"]) == 32  # nginx's $request_id
+    async with session.get(f"{base}/metrics") as response:
+        assert response.status == 200
+        assert "linger_messages_added_total" in await response.text()
 
 
 async def test_rolling_restart_under_load_fails_no_request(
