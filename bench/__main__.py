@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import scenarios
+from bench.observe import observe
 from bench.scenarios import QUICK, Failed, Run, Size
 from bench.servers import Server, free_port, linger_command, postgres_cluster, raise_open_files
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join([*SCENARIOS, "longpoll"]),
+        default=",".join([*SCENARIOS, "longpoll", "observe"]),
         help="comma-separated scenario names",
     )
     parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
@@ -201,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             return linger_command(backend, Path(workdir), url, args.python)
 
         for name in chosen:
+            if name == "observe":
+                new = _observe_rows(backends, command, size)
+                failures += sum(row[2].startswith("FAILED") for row in new)
+                rows.extend(new)
+                print_table(new, header=False)
+                continue
             if name == "longpoll":
                 new = _longpoll_rows(backends, command, size, args.no_original)
                 failures += sum(row[2].startswith("FAILED") for row in new)
@@ -239,6 +246,22 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows, header=True)
     return 1 if failures else 0
+
+
+def _observe_rows(
+    backends: list[str], command: Callable[[str], list[str]], size: Size
+) -> list[Row]:
+    """The monitoring reads on a big queue (Linger only: the original has no /metrics)."""
+    rows: list[Row] = []
+    for backend in backends:
+        try:
+            with started(backend, command(backend)) as server:
+                result = observe(server, size.observe_messages, size.observe_channels)
+        except (Failed, RuntimeError) as error:
+            rows.append(("observe", backend, f"FAILED: {error}", "", "", "", ""))
+            continue
+        rows.append(("observe", backend, result.describe(), "-", "-", "-", "-"))
+    return rows
 
 
 def _longpoll_rows(

@@ -40,6 +40,8 @@ class Size:
     longpoll_messages: int = 1_000
     inflight_ready: int = 100_000
     inflight_hidden: int = 20_000
+    observe_messages: int = 1_000_000
+    observe_channels: int = 10_000
 
 
 QUICK = Size(
@@ -50,6 +52,8 @@ QUICK = Size(
     longpoll_messages=50,
     inflight_ready=1_000,
     inflight_hidden=200,
+    observe_messages=2_000,
+    observe_channels=20,
 )
 
 
