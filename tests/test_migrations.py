@@ -219,3 +219,66 @@ async def test_downgrade_to_0002_keeps_dead_letters_as_messages(
         assert rows == [(message_id, "d", b"m")]
     finally:
         await engine.dispose()
+
+
+async def test_upgrade_from_0003_counts_priorities_from_the_new_index(
+    fresh_url: str,  # noqa: F811
+    make_client: ClientFactory,
+) -> None:
+    """Messages of every priority (ready, in flight, delayed) written at 0003 are counted
+    by /stats after 0004 added the priority index, and delivered in priority order; the
+    downgrade drops the index and keeps them."""
+    now = int(time.time() * 1000)
+    insert = (
+        "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic, content_type,"
+        " body, created_at, visible_at, dead_at, deliveries, lease) VALUES "
+        "(:channel, :priority, 30, 0, 0, '', 'text/plain', :body, :created_at, :visible_at,"
+        " NULL, :deliveries, :lease)"
+    )
+    rows = [
+        {"priority": 0, "body": b"plain", "visible_at": 0, "deliveries": 0, "lease": None},
+        {"priority": -5, "body": b"urgent", "visible_at": 0, "deliveries": 0, "lease": None},
+        {"priority": 3, "body": b"nice", "visible_at": 0, "deliveries": 0, "lease": None},
+        {"priority": -1, "body": b"out", "visible_at": now + 20_000, "deliveries": 1, "lease": 7},
+        {
+            "priority": 2,
+            "body": b"later",
+            "visible_at": now + 60_000,
+            "deliveries": 0,
+            "lease": None,
+        },
+    ]
+    engine = db.create_engine(fresh_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_to("0003"))
+            for row in rows:
+                await conn.execute(
+                    sa.text(insert), {"channel": "p", "created_at": now - 1000, **row}
+                )
+            await conn.execute(
+                sa.text("INSERT INTO channels (name, polled_at, messages) VALUES ('p', 0, 5)")
+            )
+        async with engine.begin() as conn:
+            await conn.run_sync(_to("head"))
+    finally:
+        await engine.dispose()
+    client = await make_client(db=fresh_url)
+    shown = await (await client.get("/stats")).json()
+    assert shown["current-messages"] == 5
+    assert (shown["current-messages-ready"], shown["current-messages-hidden"]) == (3, 2)
+    assert (shown["current-messages-urgent"], shown["current-messages-niced"]) == (2, 2)
+    assert [await (await get(client, "p")).read() for _ in range(3)] == [
+        b"urgent",
+        b"plain",
+        b"nice",
+    ]
+    await client.close()
+    engine = db.create_engine(fresh_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(_down_to("0003"))
+            count = (await conn.execute(sa.text("SELECT count(*) FROM messages"))).scalar_one()
+        assert count == 5
+    finally:
+        await engine.dispose()

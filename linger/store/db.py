@@ -95,6 +95,13 @@ messages = sa.Table(
         sqlite_where=sa.text("visible_at > 0"),
         postgresql_where=sa.text("visible_at > 0"),
     ),
+    # /stats' urgent and niced counts: only the messages whose priority is not 0.
+    sa.Index(
+        "ix_messages_priority",
+        "priority",
+        sqlite_where=sa.text("priority != 0"),
+        postgresql_where=sa.text("priority <> 0"),
+    ),
     # The sweeper's range, and the dead rows of one channel that the high-level mark must
     # not count, both read from the index alone; only rows that can die are in it (most
     # messages have no retention and no delivery limit: their inserts skip this index).

@@ -9,11 +9,21 @@ from typing import Any
 import sqlalchemy as sa
 
 from linger.store.db import channels, messages, subscriptions
-from linger.store.driver import Driver, Prepared, Row, single
+from linger.store.driver import Driver, Operation, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.messages import POLLED_TTL_MS
 from linger.store.records import Depth, Totals
-from linger.store.sql import alive, delayed, leased, param, ready
+from linger.store.sql import (
+    alive,
+    delayed,
+    given,
+    given_ids,
+    leased,
+    param,
+    parked,
+    queued,
+    ready,
+)
 
 m = messages
 
@@ -35,20 +45,7 @@ class Overview:
         self._driver = driver
         self.now = now
         prepare = driver.prepare
-        now_ = param("now")
-
-        def count_where(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
-            return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
-
-        self._totals = prepare(
-            sa.select(
-                sa.func.count(),
-                count_where(m.c.visible_at <= now_),
-                count_where(m.c.visible_at > now_),
-                count_where(m.c.priority < 0),
-                count_where(m.c.priority > 0),
-            ).where(alive(now_))
-        )
+        self._totals = prepare(_totals_stmt())
         self._max_id = prepare(
             sa.text(
                 "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM messages_id_seq"
@@ -57,6 +54,9 @@ class Overview:
             )
         )
         self._depths = prepare(_depths_stmt())
+        self._created = prepare(
+            sa.select(m.c.id, m.c.created_at).where(given_ids(postgres=driver.postgres))
+        )
         self._revision = prepare(sa.text("SELECT version_num FROM alembic_version"))
         listed = _listed()
         self._channels = prepare(listed)
@@ -66,21 +66,35 @@ class Overview:
         return await self._driver.read(partial(single, stmt, params))
 
     async def totals(self) -> Totals:
-        row = (await self._read(self._totals, now=self.now()))[0]
-        return Totals(*(int(value) for value in row))
+        """Live messages, ready, hidden, urgent and niced, in one statement that reads
+        no queued row (see ``_totals_stmt``)."""
+        kept, dead, hidden, urgent, niced = (
+            int(value) for value in (await self._read(self._totals, now=self.now()))[0]
+        )
+        live = kept - dead
+        return Totals(live, live - hidden, hidden, urgent, niced)
 
     async def depths(self, limit: int) -> list[Depth]:
         """The ``limit`` deepest channels (by their kept count), each one's live messages
-        by state and the creation time of its oldest ready one: one statement, which
-        reads the messages of those channels only."""
-        now = self.now()
-        rows = await self._read(self._depths, now=now, limit=limit)
-        return [
-            Depth(
-                name, int(ready), int(hidden), int(waiting), None if oldest is None else int(oldest)
-            )
-            for name, ready, hidden, waiting, oldest in rows
-        ]
+        by state and when its oldest ready one was added. The oldest queued message is
+        taken to be the first by id (ids follow the order of adds; a message past its
+        retention that the next sweep deletes may stand for it until then)."""
+        return await self._driver.read(partial(self._depths_operation, self.now(), limit))
+
+    def _depths_operation(self, now: int, limit: int) -> Operation[list[Depth]]:
+        rows = yield self._depths, {"now": now, "limit": limit}
+        firsts = [int(row[6]) for row in rows if row[6] is not None]
+        created: dict[int, int] = {}
+        if firsts:
+            found = yield self._created, given(firsts, None, postgres=self._driver.postgres)
+            created = {int(message_id): int(at) for message_id, at in found}
+        depths = []
+        for name, kept, dead, hidden, waiting, oldest_due, first in rows:
+            times = [int(t) for t in (oldest_due, created.get(first or 0)) if t is not None]
+            live = int(kept) - int(dead)
+            ready = max(0, live - int(hidden) - int(waiting))
+            depths.append(Depth(name, ready, int(hidden), int(waiting), min(times, default=None)))
+        return depths
 
     async def revision(self) -> str | None:
         """The schema revision the database is at (None: not migrated at all)."""
@@ -101,27 +115,77 @@ class Overview:
         return int(rows[0][0])
 
 
-def _depths_stmt() -> sa.Select[Any]:
+def _totals_stmt() -> sa.Select[Any]:
+    """(rows, dead rows, hidden, urgent, niced) over the whole database from the channel
+    rows' kept counts and the indexes of the few: dead rows, parked rows (in flight and
+    delayed: hidden in 1.0.1's sense) and rows of a priority other than 0. Ready is what
+    is left; a queue of a million ready messages is never read."""
     now = param("now")
-    deepest = (
-        sa.select(channels.c.name)
+
+    def count(*where: sa.ColumnElement[bool]) -> Any:
+        return sa.select(sa.func.count()).select_from(m).where(*where).scalar_subquery()
+
+    nonzero = m.c.priority != 0  # the priority index's own condition, for the planner
+    return sa.select(
+        sa.select(sa.func.coalesce(sa.func.sum(channels.c.messages), 0)).scalar_subquery(),
+        count(m.c.dead_at <= now),
+        count(parked(), m.c.visible_at > now, alive(now)),
+        count(nonzero, m.c.priority < 0, alive(now)),
+        count(nonzero, m.c.priority > 0, alive(now)),
+    )
+
+
+def _depths_stmt() -> sa.Select[Any]:
+    """(channel, rows, dead rows, hidden, delayed, oldest due parked created_at, first
+    queued id) of the :limit deepest channels, in one statement (one snapshot), from
+    indexes and kept counts only: the channel rows count each channel's rows, the dead
+    and the parked rows (few: in flight, delayed, expired) are counted from their indexes,
+    and the ready ones are what is left. Of the queued rows, only the first of each
+    channel is read."""
+    now = param("now")
+    top = (
+        sa.select(channels.c.name, channels.c.messages)
         .where(channels.c.messages > 0)
         .order_by(channels.c.messages.desc(), channels.c.name)
         .limit(param("limit"))
-        .subquery()
+        .cte("top")
     )
+    in_top = m.c.channel.in_(sa.select(top.c.name))
 
     def count(condition: sa.ColumnElement[bool]) -> Any:
         return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
-    return (
+    dead = (
+        sa.select(m.c.channel, sa.func.count().label("n"))
+        .where(m.c.dead_at <= now, in_top)
+        .group_by(m.c.channel)
+        .cte("dead")
+    )
+    held = (
         sa.select(
             m.c.channel,
-            count(ready(now)),
-            count(leased(now)),
-            count(delayed(now)),
-            sa.func.min(sa.case((ready(now), m.c.created_at))),
+            count(leased(now)).label("hidden"),
+            count(delayed(now)).label("delayed"),
+            sa.func.min(sa.case((ready(now), m.c.created_at))).label("oldest_due"),
         )
-        .where(m.c.channel.in_(sa.select(deepest.c.name)), alive(now))
+        .where(parked(), alive(now), in_top)
         .group_by(m.c.channel)
+        .cte("held")
+    )
+    first_queued = (
+        sa.select(sa.func.min(m.c.id)).where(m.c.channel == top.c.name, queued()).scalar_subquery()
+    )
+    return (
+        sa.select(
+            top.c.name,
+            top.c.messages,
+            sa.func.coalesce(dead.c.n, 0),
+            sa.func.coalesce(held.c.hidden, 0),
+            sa.func.coalesce(held.c.delayed, 0),
+            held.c.oldest_due,
+            first_queued,
+        )
+        .select_from(top)
+        .outerjoin(dead, dead.c.channel == top.c.name)
+        .outerjoin(held, held.c.channel == top.c.name)
     )

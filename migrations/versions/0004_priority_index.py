@@ -1,0 +1,35 @@
+"""An index of the messages whose priority is not 0, for /stats' urgent and niced counts.
+
+Most messages have priority 0: the index holds only the others, so counting them reads
+that many entries, not the whole table, and adds of priority 0 do not write to it.
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-12-02
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0004"
+down_revision: str | None = "0003"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_index(
+        "ix_messages_priority",
+        "messages",
+        ["priority"],
+        sqlite_where=sa.text("priority != 0"),
+        postgresql_where=sa.text("priority <> 0"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_messages_priority", table_name="messages")
