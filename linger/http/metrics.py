@@ -140,7 +140,9 @@ class Metrics:
             self.snapshot = Snapshot(True, depths, storage.now())
         except (errors.LingerError, TimeoutError):
             self.snapshot = Snapshot(False, [], storage.now())
-        return generate_latest(self.registry)
+        # Rendering thousands of series takes tens of milliseconds: in a thread, so that
+        # the event loop serves other requests meanwhile (the collector only reads).
+        return await asyncio.to_thread(generate_latest, self.registry)
 
 
 class _Collector(Collector):
