@@ -43,7 +43,7 @@ BACKENDS = [
     # event loop itself: the message paths run on it too (MEMORY_MODULES).
     pytest.param("memory", marks=pytest.mark.sqlite),
 ]
-MEMORY_MODULES = frozenset({"test_messages", "test_batches", "test_lifecycle"})
+MEMORY_MODULES = frozenset({"test_messages", "test_batches"})
 TEST_DB = "linger_test"
 T = TypeVar("T")
 

@@ -496,3 +496,20 @@ async def test_stalled_batches_hold_the_budget_only_until_their_deadline(
     assert len(ids) == 3
     for answer in await asyncio.gather(*stalled):
         assert status_of(answer) == 408
+
+
+async def test_a_publish_to_many_subscribers_keeps_others_responsive(client: Client) -> None:
+    """A batch published to 300 subscribed channels writes 6,000 copies in one
+    transaction; another client's requests are answered meanwhile (on the in-memory
+    database the write runs off the event loop)."""
+    for i in range(300):
+        response = await client.put(f"/channels/sub{i}/topics/wide")
+        assert response.status == 204
+    items = json.dumps([{"body": f"m{i}"} for i in range(20)])
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/topics/wide/messages", data=items, headers={"Content-Type": "application/json"}
+        )
+        assert response.status == 202
+    assert probe.worst < 0.5, probe.worst
+    assert (await stats(client, "sub7"))["ready"] == 20

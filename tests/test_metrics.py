@@ -387,3 +387,49 @@ def test_alert_rules_pass_promtool_when_it_is_installed() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_an_aborted_upload_is_the_clients_doing_not_a_500(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients that reset the connection in the middle of their body: counted as 499
+    (client closed request), logged as no error, and the server serves on."""
+    assert client.port is not None
+    head = (
+        b"POST /channels/ab HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        b"Content-Length: 100000\r\n\r\n" + b"x" * 100
+    )
+    with caplog.at_level(logging.WARNING):
+        for _ in range(20):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+            writer.write(head)
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the handler is reading the body
+            writer.transport.abort()
+
+        async def counted() -> bool:
+            samples = await scrape(client)
+            key = (
+                "linger_http_request_duration_seconds_count",
+                (("method", "POST"), ("route", "post_message"), ("status", "499")),
+            )
+            return samples.get(key, 0) >= 1
+
+        await until(counted, 5)
+    samples = await scrape(client)
+    assert not [key for key in samples if ("status", "500") in key[1]]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    await add(client, "ab", "after")
+
+
+async def test_ready_is_503_when_the_schema_is_missing(client: Client) -> None:
+    async with connection(client) as conn:
+        await conn.execute(sa.text("ALTER TABLE alembic_version RENAME TO hidden_version"))
+    try:
+        response = await client.get("/ready")
+        assert response.status == 503
+        assert (await response.json())["error"].startswith("The database schema is not at")
+    finally:
+        async with connection(client) as conn:
+            await conn.execute(sa.text("ALTER TABLE hidden_version RENAME TO alembic_version"))
+    assert (await client.get("/ready")).status == 200

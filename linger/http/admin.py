@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import time
@@ -16,6 +17,7 @@ from linger.http.metrics import CONTENT_TYPE
 from linger.http.responses import error_response
 from linger.store import db
 
+logger = logging.getLogger(__name__)
 # How long /ready waits for the database.
 READY_TIMEOUT = 5.0
 
@@ -111,6 +113,9 @@ async def get_ready(request: web.Request) -> web.Response:
         revision = await asyncio.wait_for(overview.revision(), READY_TIMEOUT)
     except (errors.LingerError, TimeoutError):
         return error_response(503, "The database is unavailable.", {"Retry-After": "1"})
+    except Exception:  # the database answers, but not as a Linger database should
+        logger.warning("readiness: the schema revision cannot be read", exc_info=True)
+        revision = None
     if revision != db.head():
         return error_response(
             503, f"The database schema is not at revision {db.head()}.", {"Retry-After": "1"}

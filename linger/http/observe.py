@@ -8,6 +8,7 @@ served, and carried by its access log line.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
@@ -50,6 +51,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         return response
     except web.HTTPException as error:
         status = error.status
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client closed the request (nginx's code for it): the connection was reset
+        # while the handler read it, or lost and the handler cancelled.
+        status = 499
         raise
     finally:
         REQUEST_ID.reset(token)

@@ -123,6 +123,13 @@ class _Protocol(web.RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionResetError):
+            # The client went away mid-request (an upload it aborted): its fault, and
+            # nobody is left to answer. Not an error of the server.
+            self.log_debug("client disconnected during the request: %s", exc)
+            response = error_response(499, "Client closed the request.")
+            response.force_close()
+            return response
         super().handle_error(request, status, exc, message)  # logs, checks nothing was sent
         if status >= 500:
             text = "Internal server error."

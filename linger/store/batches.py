@@ -165,7 +165,9 @@ class Batches:
             params: Any = {**common, **{name: [r[name] for r in rows] for name in _PER_MESSAGE}}
         else:
             params = [{**common, **row} for row in rows]
-        return await self._driver.write(partial(self._add_operation, channel, params, hlm))
+        return await self._driver.write(
+            partial(self._add_operation, channel, params, hlm), light=False
+        )
 
     def _add_operation(
         self, channel: str, params: Any, hlm: int, ledger: Tally
@@ -257,7 +259,7 @@ class Batches:
         }
         key = ("message", ids[0]) if ids else ()
         acted, live = await self._driver.write(
-            partial(self._classified, operation, params, len(ids)), key=key
+            partial(self._classified, operation, params, len(ids)), key=key, light=len(ids) <= 10
         )
         outcomes = [
             DONE if message_id in acted.done else STALE if message_id in live else MISSING

@@ -170,6 +170,8 @@ class _Pending(Generic[L]):
     alone: bool
     # The request it serves, for the log lines about it (committers serve many).
     request_id: str | None = None
+    # Short enough to run on the event loop (in-memory database).
+    light: bool = True
 
 
 class _StaleConnection(Exception):
@@ -403,10 +405,12 @@ class Driver(Generic[L]):
         self.on_group: Callable[[int, float], None] | None = None
         self.on_read: Callable[[float], None] | None = None
         self.unavailable = 0
-        # An in-memory database neither waits for a disk nor shares its connection: its
-        # short statements run right on the event loop, which saves two thread switches
-        # per operation. Groups run alone (sweeps, drains: many rows) still go to
-        # aiosqlite's thread, which lets the loop run while SQLite works.
+        # An in-memory database neither waits for a disk nor shares its connection: the
+        # short statements of single-message writes run right on the event loop, which
+        # saves two thread switches per operation. Reads (monitoring, peeks, the poller:
+        # they may count many rows), groups run alone (sweeps, drains) and heavy writes
+        # (batches, publishes) still go to aiosqlite's thread, which lets the loop run
+        # while SQLite works.
         self._inline = not self.postgres and engine.url.database in (None, "", ":memory:")
 
     def prepare(self, stmt: ClauseElement) -> Prepared:
@@ -489,8 +493,6 @@ class Driver(Generic[L]):
 
         async def attempt() -> Outcome:
             async with self._connect() as raw:
-                if self._inline:
-                    return _drive_sync(raw._conn, factory())
                 return await _drive_async(_fetcher(raw, self.postgres), factory())
 
         started = time.perf_counter()
@@ -511,6 +513,7 @@ class Driver(Generic[L]):
         atomic: bool = True,
         key: tuple[Any, ...] = (),
         alone: bool = False,
+        light: bool = True,
     ) -> T:
         """Run an operation in the next group-committed transaction; return its result
         once that transaction has committed.
@@ -522,10 +525,12 @@ class Driver(Generic[L]):
         PostgreSQL. ``key`` names the one row an operation may wait to lock: a group runs
         its keyed operations in key order, so that two groups take such locks in the same
         order. ``alone`` runs the operation in a group of its own (one that holds many
-        rows, which should hold nothing else).
+        rows, which should hold nothing else). ``light=False`` says that the operation
+        may write many rows (a batch, a publish to many channels): on the in-memory
+        database its group runs in aiosqlite's thread rather than on the event loop.
         """
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(factory, future, atomic, key, alone, REQUEST_ID.get()))
+        self._pending.append(_Pending(factory, future, atomic, key, alone, REQUEST_ID.get(), light))
         if self._committers < self._max_committers:
             self._committers += 1
             # A context of its own: it serves many requests, not the one that started it.
@@ -600,7 +605,7 @@ class Driver(Generic[L]):
     async def _run_group(self, group: list[_Pending[L]]) -> list[Outcome]:
         factories = [pending.factory for pending in group]
         autocommit = len(group) == 1 and not group[0].atomic
-        inline = self._inline and not group[0].alone
+        inline = self._inline and all(pending.light and not pending.alone for pending in group)
         return await _skipping_stale(partial(self._run_group_once, factories, autocommit, inline))
 
     async def _run_group_once(

@@ -216,7 +216,7 @@ class Messages:
             params["budget"], params["shared"] = budget
         # The claim is one statement; the listing mark is independent of it.
         return await self._driver.write(
-            partial(self._claim_operation, stmt, params, listed), atomic=False
+            partial(self._claim_operation, stmt, params, listed), atomic=False, light=n <= 10
         )
 
     def _claim_operation(
@@ -332,7 +332,7 @@ class Messages:
         # included: an early look costs one more claim, no more).
         upcoming = (
             sa.select(m.c.channel, sa.func.min(m.c.visible_at))
-            .where(m.c.visible_at > now, in_names)
+            .where(parked(), m.c.visible_at > now, in_names)  # parked(): the index's own
             .group_by(m.c.channel)
         )
         soonest = {row[0]: int(row[1]) for row in await self._read(self._driver.prepare(upcoming))}

@@ -1,10 +1,14 @@
 """The sweep: periodic statements that keep the table what the queries expect, none of
 which correctness waits for (every query derives states from the clock itself).
 
-- parked messages that are due go back to the queue (the claim's second look stays short);
-  on PostgreSQL this briefly locks messages that are ready, which a claim racing it
-  skips (SKIP LOCKED), so the requeue announces them like an add: the consumer that
-  skipped them wakes again at once instead of at the next poll;
+- parked messages that have been due for ``REQUEUE_AFTER_MS`` go back to the queue (the
+  claim's second look stays short). A claim takes a message that just became due through
+  that second look; the requeue is for those nobody claimed, so that it seldom holds a
+  row a claim wants: on PostgreSQL the requeue locks the rows it moves for the length of
+  its statement, and a claim racing it skips them (SKIP LOCKED). It announces what it
+  moved like an add, so that a long-polling consumer that skipped them wakes again at
+  once instead of at the next poll; a ``nowait`` claim in that millisecond finds them
+  gone, as if it had come a moment earlier;
 - messages that used up their deliveries move to their dead channel;
 - messages past their retention, and the other exhausted ones, are deleted;
 - channels that hold nothing and were not long-polled for 180 s are forgotten.
@@ -31,6 +35,8 @@ from linger.store.messages import POLLED_TTL_MS
 from linger.store.sql import BATCH, READY, alive, announced, in_batch, ms_sql, param, parked
 
 m = messages
+# How long a due message stays parked before the sweep puts it back in the queue.
+REQUEUE_AFTER_MS = 1000
 
 
 @dataclass(slots=True)
@@ -54,7 +60,7 @@ def _statements(postgres: bool) -> dict[str, sa.ClauseElement]:
     def batch(where: sa.ColumnElement[bool], *order: Any) -> sa.ColumnElement[bool]:
         return in_batch(where, *order, postgres=postgres)
 
-    due = sa.and_(parked(), m.c.visible_at <= now, alive(now))
+    due = sa.and_(parked(), m.c.visible_at <= now - REQUEUE_AFTER_MS, alive(now))
     move = sa.update(m).where(batch(sa.and_(dead, movable), m.c.dead_at))
     return {
         "requeue": announced(

@@ -146,7 +146,7 @@ class Topics:
             "now": self.now(),
             "origin": self.origin,
         }
-        return await self._driver.write(partial(self._publish_operation, params, hlm))
+        return await self._driver.write(partial(self._publish_operation, params, hlm), light=False)
 
     async def publish_many(
         self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
@@ -165,7 +165,9 @@ class Topics:
             }
             for message in batch
         ]
-        return await self._driver.write(partial(self._publish_many_operation, each, hlm))
+        return await self._driver.write(
+            partial(self._publish_many_operation, each, hlm), light=False
+        )
 
     def _publish_many_operation(
         self, each: list[dict[str, Any]], hlm: int, ledger: Tally
