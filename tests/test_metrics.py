@@ -433,3 +433,25 @@ async def test_ready_is_503_when_the_schema_is_missing(client: Client) -> None:
         async with connection(client) as conn:
             await conn.execute(sa.text("ALTER TABLE hidden_version RENAME TO alembic_version"))
     assert (await client.get("/ready")).status == 200
+
+
+async def test_oldest_ready_age_after_a_redrive(client: Client, clock: Clock) -> None:
+    """A redriven dead letter keeps its (low) id but counts its age from the redrive: the
+    oldest ready message is the one added before it, whatever the ids say."""
+    await add(client, "c", "doomed", deliver=1, timeout=1, dead="c.dead")
+    assert (await get(client, "c")).status == 200
+    clock.advance(2)
+
+    async def moved() -> bool:
+        return bool((await (await client.get("/channels/c.dead/stats")).json())["ready"] == 1)
+
+    await until(moved, 5)
+    await add(client, "c", "waiting")
+    clock.advance(40)
+    assert (await client.post("/channels/c.dead/redrive")).status == 200
+    samples = await scrape(client)
+    age = samples[("linger_oldest_ready_age_seconds", (("channel", "c"),))]
+    detail = await (await client.get("/channels/c/stats", params={"detail": ""})).json()
+    assert 40 <= age < 42
+    assert detail["oldest_ready_age"] == int(age)
+    assert depth(samples, "c") == {"ready": 2, "hidden": 0, "delayed": 0}

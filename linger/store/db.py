@@ -78,11 +78,13 @@ messages = sa.Table(
     sa.Column("origin_linger", sa.BigInteger, nullable=True),
     # The claim reads the first queued message in (priority, id) order from here: parked
     # messages are not in it, so however many are in flight, a claim reads one entry.
+    # created_at: the age of a channel's oldest queued message, from the index alone.
     sa.Index(
         "ix_messages_queue",
         "channel",
         "priority",
         "id",
+        "created_at",
         sqlite_where=sa.text("visible_at = 0"),
         postgresql_where=sa.text("visible_at = 0"),
     ),

@@ -9,15 +9,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from linger.store.db import channels, messages, subscriptions
-from linger.store.driver import Driver, Operation, Prepared, Row, single
+from linger.store.driver import Driver, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.messages import POLLED_TTL_MS
 from linger.store.records import Depth, Totals
 from linger.store.sql import (
     alive,
     delayed,
-    given,
-    given_ids,
     leased,
     param,
     parked,
@@ -54,9 +52,6 @@ class Overview:
             )
         )
         self._depths = prepare(_depths_stmt())
-        self._created = prepare(
-            sa.select(m.c.id, m.c.created_at).where(given_ids(postgres=driver.postgres))
-        )
         self._revision = prepare(sa.text("SELECT version_num FROM alembic_version"))
         listed = _listed()
         self._channels = prepare(listed)
@@ -76,23 +71,13 @@ class Overview:
 
     async def depths(self, limit: int) -> list[Depth]:
         """The ``limit`` deepest channels (by their kept count), each one's live messages
-        by state and when its oldest ready one was added. The oldest queued message is
-        taken to be the first by id (ids follow the order of adds; a message past its
+        by state and when its oldest ready one was added (a queued message past its
         retention that the next sweep deletes may stand for it until then)."""
-        return await self._driver.read(partial(self._depths_operation, self.now(), limit))
-
-    def _depths_operation(self, now: int, limit: int) -> Operation[list[Depth]]:
-        rows = yield self._depths, {"now": now, "limit": limit}
-        firsts = [int(row[6]) for row in rows if row[6] is not None]
-        created: dict[int, int] = {}
-        if firsts:
-            found = yield self._created, given(firsts, None, postgres=self._driver.postgres)
-            created = {int(message_id): int(at) for message_id, at in found}
+        rows = await self._read(self._depths, now=self.now(), limit=limit)
         depths = []
-        for name, kept, dead, hidden, waiting, oldest_due, first in rows:
-            times = [int(t) for t in (oldest_due, created.get(first or 0)) if t is not None]
-            live = int(kept) - int(dead)
-            ready = max(0, live - int(hidden) - int(waiting))
+        for name, kept, dead, hidden, waiting, oldest_due, oldest_queued in rows:
+            times = [int(t) for t in (oldest_due, oldest_queued) if t is not None]
+            ready = max(0, int(kept) - int(dead) - int(hidden) - int(waiting))
             depths.append(Depth(name, ready, int(hidden), int(waiting), min(times, default=None)))
         return depths
 
@@ -136,12 +121,12 @@ def _totals_stmt() -> sa.Select[Any]:
 
 
 def _depths_stmt() -> sa.Select[Any]:
-    """(channel, rows, dead rows, hidden, delayed, oldest due parked created_at, first
-    queued id) of the :limit deepest channels, in one statement (one snapshot), from
-    indexes and kept counts only: the channel rows count each channel's rows, the dead
-    and the parked rows (few: in flight, delayed, expired) are counted from their indexes,
-    and the ready ones are what is left. Of the queued rows, only the first of each
-    channel is read."""
+    """(channel, rows, dead rows, hidden, delayed, oldest due parked created_at, oldest
+    queued created_at) of the :limit deepest channels, in one statement (one snapshot),
+    from indexes and kept counts only: the channel rows count each channel's rows, the
+    dead and the parked rows (in flight, delayed, expired) are counted from their
+    indexes, the ready ones are what is left, and the queued rows are read from the
+    queue index alone (it holds created_at) for the oldest."""
     now = param("now")
     top = (
         sa.select(channels.c.name, channels.c.messages)
@@ -172,8 +157,10 @@ def _depths_stmt() -> sa.Select[Any]:
         .group_by(m.c.channel)
         .cte("held")
     )
-    first_queued = (
-        sa.select(sa.func.min(m.c.id)).where(m.c.channel == top.c.name, queued()).scalar_subquery()
+    oldest_queued = (
+        sa.select(sa.func.min(m.c.created_at))
+        .where(m.c.channel == top.c.name, queued())
+        .scalar_subquery()
     )
     return (
         sa.select(
@@ -183,7 +170,7 @@ def _depths_stmt() -> sa.Select[Any]:
             sa.func.coalesce(held.c.hidden, 0),
             sa.func.coalesce(held.c.delayed, 0),
             held.c.oldest_due,
-            first_queued,
+            oldest_queued,
         )
         .select_from(top)
         .outerjoin(dead, dead.c.channel == top.c.name)
