@@ -110,6 +110,23 @@ def test_default_server_is_in_memory_and_refuses_bad_options() -> None:
     assert "--port" in result.stderr
 
 
+@pytest.mark.sqlite
+@pytest.mark.parametrize("kind", ["not a database", "missing directory"])
+def test_an_unusable_sqlite_file_is_one_line(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "x.db"
+    if kind == "not a database":
+        path.write_bytes(b"garbage, not SQLite " * 100)
+    else:
+        path = tmp_path / "missing" / "x.db"
+    command = [sys.executable, "-m", "linger", "--port", str(free_port()), "--dbfile", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        line for line in result.stderr.strip().splitlines() if line.startswith("linger: ")
+    ]
+    assert f"linger: cannot use the SQLite database {path}" in result.stderr
+
+
 @pytest.fixture
 def empty_postgres(postgres_admin_url: str) -> str:
     async def create() -> None:

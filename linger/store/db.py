@@ -299,6 +299,13 @@ async def prepare(engine: AsyncEngine, *, migrate: bool) -> None:
             await check_schema(engine)
     except (TypeError, ValueError) as error:  # an unknown or malformed connect argument
         raise errors.Misconfigured(f"the database URL is not usable: {error}") from error
+    except sa.exc.DBAPIError as error:
+        if engine.dialect.name != "sqlite":
+            raise
+        # A file that cannot be opened or is not a SQLite database: one line, not a trace.
+        raise errors.Misconfigured(
+            f"cannot use the SQLite database {engine.url.database}: {error.orig}"
+        ) from error
 
 
 async def server_id(conn: AsyncConnection, new_id: str) -> str:
