@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from linger import logs
 
 from .conftest import ClientFactory, Clock
-from .helpers import Client, Probe, add, connection, get
+from .helpers import Client, Probe, add, connection, get, raw_request, status_of
 from .pgcluster import Cluster
 from .processes import Server, start_server, until
 from .test_topics import _DROP_TRIGGER, _FAIL_TRIGGER, _execute
@@ -455,3 +455,16 @@ async def test_oldest_ready_age_after_a_redrive(client: Client, clock: Clock) ->
     assert 40 <= age < 42
     assert detail["oldest_ready_age"] == int(age)
     assert depth(samples, "c") == {"ready": 2, "hidden": 0, "delayed": 0}
+
+
+async def test_requests_the_parser_refuses_carry_a_request_id(client: Client) -> None:
+    for head in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"POST /channels/c HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 9000 + b"\r\n\r\n",
+    ):
+        answer = await raw_request(client, head)
+        assert status_of(answer) == 400, answer[:200]
+        headers = answer.split(b"\r\n\r\n", 1)[0].lower()
+        assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", headers + b"\r\n"), headers
+    assert (await client.get("/health")).status == 200

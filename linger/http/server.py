@@ -27,7 +27,8 @@ from aiohttp.web_request import BaseRequest
 
 from linger.config import Settings
 from linger.http.keys import DRAINING, SETTINGS
-from linger.http.observe import AccessLogger
+from linger.http.observe import HEADER as REQUEST_ID_HEADER
+from linger.http.observe import AccessLogger, request_id
 from linger.http.responses import error_response, header_value
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,9 @@ class _Protocol(web.RequestHandler):
             text = (message or HTTPStatus(status).phrase).split("\n", 1)[0][:200]
         response = error_response(status, text)
         response.headers["Server"] = SERVER
+        # A request the parser refused has no app to prepare its response: name it here,
+        # with the id its access line carries.
+        response.headers[REQUEST_ID_HEADER] = request_id(request)
         response.force_close()
         return response
 
