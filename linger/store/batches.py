@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql
 from linger import errors
 from linger.store import deadletters, leases
 from linger.store.db import messages
-from linger.store.driver import Driver, Operation, single
+from linger.store.driver import LIGHT_ROWS, Driver, Operation, single
 from linger.store.ledger import Tally
 from linger.store.records import DONE, MISSING, STALE, NewMessage
 from linger.store.sql import (
@@ -259,7 +259,9 @@ class Batches:
         }
         key = ("message", ids[0]) if ids else ()
         acted, live = await self._driver.write(
-            partial(self._classified, operation, params, len(ids)), key=key, light=len(ids) <= 10
+            partial(self._classified, operation, params, len(ids)),
+            key=key,
+            light=len(ids) <= LIGHT_ROWS,
         )
         outcomes = [
             DONE if message_id in acted.done else STALE if message_id in live else MISSING

@@ -133,6 +133,8 @@ _RETRY_ATTEMPTS = 4
 _GROUP_LIMIT = 128
 # Dead pooled connections skipped before giving up: more than the pool can hold.
 _STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
+# Rows an operation may write and still count as light (``Driver.write``).
+LIGHT_ROWS = 10
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
 

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from linger import errors
 from linger.store import leases
 from linger.store.db import bodies, messages
-from linger.store.driver import Driver, Operation, Prepared, Row, single
+from linger.store.driver import LIGHT_ROWS, Driver, Operation, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.records import Detail, Message, Options
 from linger.store.sql import (
@@ -216,7 +216,9 @@ class Messages:
             params["budget"], params["shared"] = budget
         # The claim is one statement; the listing mark is independent of it.
         return await self._driver.write(
-            partial(self._claim_operation, stmt, params, listed), atomic=False, light=n <= 10
+            partial(self._claim_operation, stmt, params, listed),
+            atomic=False,
+            light=n <= LIGHT_ROWS,
         )
 
     def _claim_operation(
