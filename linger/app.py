@@ -15,8 +15,10 @@ from contextlib import suppress
 from aiohttp import web
 
 from linger import __version__, errors
+from linger.auth.cache import Authenticator
 from linger.config import Settings
 from linger.http import server
+from linger.http.access import GUARD, access_middleware
 from linger.http.budget import BUDGET_BATCHES, Budget
 from linger.http.keys import (
     BATCH_BUDGET,
@@ -40,6 +42,9 @@ from linger.store import db
 from linger.store.storage import Storage
 
 logger = logging.getLogger(__name__)
+
+# How often a process writes when its tokens were last used.
+USE_NOTED_EVERY = 60.0
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -83,6 +88,9 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 app[LISTENER] = listener
                 metrics.listener_connected = listener.connected
                 tasks.append(asyncio.create_task(listener.run()))
+            if settings.auth:
+                guard = app[GUARD] = Authenticator(storage.tokens.lookup, storage.now)
+                tasks.append(asyncio.create_task(_note_use(guard, storage)))
             logger.info(
                 "Linger %s on http://%s:%d, database %s",
                 __version__,
@@ -93,11 +101,28 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
             yield
             for task in tasks:
                 await _stop(task)
+            if GUARD in app:
+                await _noted(app[GUARD], storage)
             await storage.close()
         finally:
             await engine.dispose()
 
     return resources
+
+
+async def _noted(guard: Authenticator, storage: Storage) -> None:
+    """Write when tokens were last used (at most once a minute: never on a request's
+    path)."""
+    try:
+        await storage.tokens.mark_used(guard.take_used().items())
+    except errors.Unavailable as error:
+        logger.warning("token use not recorded: %s", error)
+
+
+async def _note_use(guard: Authenticator, storage: Storage) -> None:
+    while True:
+        await asyncio.sleep(USE_NOTED_EVERY)
+        await _noted(guard, storage)
 
 
 async def _wake_waiters(app: web.Application) -> None:
@@ -108,7 +133,7 @@ async def _wake_waiters(app: web.Application) -> None:
 
 def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> web.Application:
     """The Linger application; its database is opened when the app starts."""
-    app = web.Application(middlewares=[observe_middleware, error_middleware])
+    app = web.Application(middlewares=[observe_middleware, error_middleware, access_middleware])
     app[SETTINGS] = settings
     app[BATCH_BUDGET] = Budget(BUDGET_BATCHES * settings.max_batch_bytes)
     app[STARTED] = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -150,6 +151,12 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         _DEFAULTS.body_timeout,
         "seconds a client may take to send a request's body, then 408",
     ),
+    (
+        "auth",
+        _boolean,
+        _DEFAULTS.auth,
+        "require a bearer token (see `linger token`) on every route but /health and /ready",
+    ),
     ("access-log", _boolean, _DEFAULTS.access_log, "log every request"),
     (
         "log-level",
@@ -165,7 +172,7 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         "the deepest channels whose depth and age /metrics shows",
     ),
 ]
-_FLAGS = {"migrate", "access-log"}
+_FLAGS = {"migrate", "access-log", "auth"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -248,6 +255,11 @@ def parse_settings(
     dbfile, db = values.pop("dbfile"), values.pop("db")
     database = sqlite_url(str(Path(dbfile).absolute())) if dbfile else db or _DEFAULTS.db
     settings = Settings(db=database, **values)
+    if settings.auth and settings.in_memory:
+        parser.error(
+            "--auth needs a database that `linger token` can reach (--dbfile or --db): "
+            "tokens cannot be created in another process's in-memory database"
+        )
     if settings.workers > 1 and settings.in_memory:
         parser.error(
             "--workers needs a database the processes share (--dbfile or --db): "
@@ -266,6 +278,12 @@ class _MalformedRequestFilter(logging.Filter):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        from linger import tokencli
+
+        tokencli.main(argv[1:])
+        return
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)
     logging.getLogger("alembic").setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -37,6 +37,8 @@ class Settings:
     body_timeout: float = 60.0
     max_batch: int = 1000
     max_batch_bytes: int = 16 * 1024 * 1024
+    # Bearer tokens from the database on every route but /health and /ready.
+    auth: bool = False
 
     @property
     def in_memory(self) -> bool:

@@ -50,6 +50,14 @@ class LeaseStale(LingerError):
     """Lease is stale."""
 
 
+class Unauthenticated(LingerError):
+    """Authentication required."""
+
+
+class NotAllowed(LingerError):
+    """Not allowed."""
+
+
 class ChannelFull(LingerError):
     """Channel is at the high-level mark."""
 

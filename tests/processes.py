@@ -50,7 +50,7 @@ class Server:
             while True:
                 assert self.process.poll() is None, self.stderr()
                 with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(self.base + "/") as response:
+                    async with session.get(self.base + "/health") as response:
                         if response.status == 200:
                             return
                 assert asyncio.get_running_loop().time() < deadline, "server did not start"

@@ -158,7 +158,10 @@ async def test_batch_statements_look_messages_up_by_key(postgres_url: str) -> No
         now = int(time.time() * 1000)
         ids = list(range(1, 2000, 2))
         named = {"ids": ids, "nonces": ids, "now": now, "seconds": None, "delay": 0, "origin": ""}
-        for stmt in (batches._delete[True], batches._touch, batches._release, batches._live):
+        named["patterns"] = ["c1%", "c2_"]  # a token's scope: checked on the rows named only
+        scoped = (batches._delete[True], batches._touch, batches._release)
+        statements = [s.unlimited for s in scoped] + [s.limited for s in scoped]
+        for stmt in (*statements, batches._live):
             plan = await _plan(engine, stmt.sql, stmt.args(named))
             assert "Seq Scan on messages" not in plan, plan
             assert "Index Scan using pk_messages" in plan, plan

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import hdrs, web
 
 from linger import errors
-from linger.http import bodies, items, params, server
+from linger.http import access, bodies, items, params, server
 from linger.http.keys import BATCH_BUDGET, SETTINGS, broker_of
 from linger.http.objects import message_object
 from linger.store import leases
@@ -33,6 +33,7 @@ async def post_messages(request: web.Request) -> web.Response:
     async with items.reading(request, settings, request.app[BATCH_BUDGET]) as reader:
         read = items.read_batch(reader, request, settings, defaults, channel)
         batch = await bodies.within_deadline(request, read)
+        access.require(request, "produce", (m.options.dead for m in batch if m.options))
         ids = await broker_of(request).add_many(channel, batch)
     return web.json_response({"ids": ids}, status=202)
 
@@ -168,22 +169,27 @@ async def _named_in(
 
 async def delete_messages(request: web.Request) -> web.Response:
     body, named, shown = await _named_in(request, ids=True)
-    outcomes = await broker_of(request).delete_many(named, by_lease="leases" in body)
+    outcomes = await broker_of(request).delete_many(
+        named, by_lease="leases" in body, scope=access.scope(request, "consume")
+    )
     return _answer(shown, named, outcomes)
 
 
 async def touch_messages(request: web.Request) -> web.Response:
     body, named, shown = await _named_in(request)
     seconds = _option(body, "timeout", 1, "Invalid message visibility timeout.")
-    return _answer(shown, named, await broker_of(request).touch_many(named, seconds))
+    scope = access.scope(request, "consume")
+    return _answer(shown, named, await broker_of(request).touch_many(named, seconds, scope))
 
 
 async def release_messages(request: web.Request) -> web.Response:
     body, named, shown = await _named_in(request)
     delay = _option(body, "delay", 0, "Invalid message delay.") or 0
-    return _answer(shown, named, await broker_of(request).release_many(named, delay))
+    scope = access.scope(request, "consume")
+    return _answer(shown, named, await broker_of(request).release_many(named, delay, scope))
 
 
 async def reject_messages(request: web.Request) -> web.Response:
     _body, named, shown = await _named_in(request)
-    return _answer(shown, named, await broker_of(request).reject_many(named))
+    scope = access.scope(request, "consume")
+    return _answer(shown, named, await broker_of(request).reject_many(named, scope))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from linger import errors
-from linger.http import params
+from linger.http import access, params
 from linger.http.keys import broker_of
 
 _INVALID_TARGET = "Invalid redrive target."
@@ -16,6 +16,7 @@ async def redrive(request: web.Request) -> web.Response:
     to = params.name_option(request, "to", _INVALID_TARGET)
     if to == channel:
         raise errors.InvalidParameter(_INVALID_TARGET)
+    access.require(request, "produce", (to,))
     limit = None
     if "n" in request.query:
         limit = params.bounded(request.query["n"], 0, 1, params.INT64_MAX, "Invalid batch size.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from linger.http import params
+from linger.http import access, params
 from linger.http.keys import broker_of
 
 _NO_CONTENT = 204
@@ -14,7 +14,8 @@ _NO_CONTENT = 204
 async def delete_message(request: web.Request) -> web.Response:
     message_id = params.message_id(request)
     broker = broker_of(request)
-    await broker.storage.messages.delete(message_id, params.lease(request, message_id))
+    lease = params.lease(request, message_id)
+    await broker.storage.messages.delete(message_id, lease, access.scope(request, "consume"))
     broker.counters["msg-delete"] += 1
     return web.Response(status=_NO_CONTENT)
 
@@ -24,7 +25,7 @@ async def touch_message(request: web.Request) -> web.Response:
     lease = params.lease(request, message_id)
     seconds = params.option(request, "timeout")
     broker = broker_of(request)
-    await broker.storage.leases.touch(message_id, lease, seconds)
+    await broker.storage.leases.touch(message_id, lease, seconds, access.scope(request, "consume"))
     broker.counters["msg-touch"] += 1
     return web.Response(status=_NO_CONTENT)
 
@@ -33,11 +34,12 @@ async def release_message(request: web.Request) -> web.Response:
     message_id = params.message_id(request)
     lease = params.lease(request, message_id)
     delay = params.option(request, "delay") or 0
-    await broker_of(request).release(message_id, lease, delay)
+    await broker_of(request).release(message_id, lease, delay, access.scope(request, "consume"))
     return web.Response(status=_NO_CONTENT)
 
 
 async def reject_message(request: web.Request) -> web.Response:
     message_id = params.message_id(request)
-    await broker_of(request).reject(message_id, params.lease(request, message_id))
+    lease = params.lease(request, message_id)
+    await broker_of(request).reject(message_id, lease, access.scope(request, "consume"))
     return web.Response(status=_NO_CONTENT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from linger import errors
-from linger.http import bodies, params, server
+from linger.http import access, bodies, params, server
 from linger.http.keys import SETTINGS, broker_of
 from linger.http.objects import message_object, message_response
 from linger.http.responses import header_value
@@ -13,15 +13,15 @@ from linger.store.messages import STATES
 
 
 async def list_channels(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"channels": await broker_of(request).storage.overview.list_channels()}
-    )
+    channels = await broker_of(request).storage.overview.list_channels()
+    return web.json_response({"channels": access.listed(request, channels)})
 
 
 async def post_message(request: web.Request) -> web.Response:
     channel = params.channel(request)
     body = await bodies.message_body(request)
     options = params.options({**params.query(request), **body.fields}, channel)
+    access.require(request, "produce", (options.dead,))
     bodies.require_content(body)
     message_id = await broker_of(request).add(channel, body.data, body.content_type, options)
     return web.json_response({"id": message_id}, status=202)

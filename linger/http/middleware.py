@@ -14,6 +14,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _STATUS: dict[type[errors.LingerError], int] = {
     errors.InvalidParameter: 400,
+    errors.Unauthenticated: 401,
+    errors.NotAllowed: 403,
     errors.NotFound: 404,
     errors.NotHidden: 409,
     errors.LeaseStale: 409,
@@ -35,6 +37,14 @@ def _status(error: errors.LingerError) -> int:
     return next(code for cls, code in _STATUS.items() if isinstance(error, cls))
 
 
+def _headers(error: errors.LingerError) -> dict[str, str] | None:
+    if isinstance(error, errors.Unavailable | errors.Overloaded):
+        return {"Retry-After": "1"}
+    if isinstance(error, errors.Unauthenticated):
+        return {"WWW-Authenticate": 'Bearer realm="linger"'}
+    return None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Domain errors and aiohttp's own HTTP errors become JSON error responses."""
@@ -44,8 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         bodies.check_encoding(request)
         return server.finish(request, await handler(request))
     except errors.LingerError as error:
-        retry = isinstance(error, errors.Unavailable | errors.Overloaded)
-        headers = {"Retry-After": "1"} if retry else None
+        headers = _headers(error)
         response = error_response(_status(error), str(error), headers)
         if isinstance(error, _CLOSING):
             response.force_close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from linger.http import bodies, params
+from linger.http import access, bodies, params
 from linger.http.keys import broker_of
 
 
@@ -16,6 +16,7 @@ async def get_channel_topics(request: web.Request) -> web.Response:
 async def put_subscription(request: web.Request) -> web.Response:
     channel, topic = params.channel(request), params.topic(request, 4)
     options = params.options(await bodies.option_values(request), channel)
+    access.require(request, "produce", (options.dead,))
     broker = broker_of(request)
     await broker.storage.topics.subscribe(channel, topic, options)
     broker.counters["subscription-add"] += 1
@@ -30,7 +31,8 @@ async def delete_subscription(request: web.Request) -> web.Response:
 
 
 async def list_topics(request: web.Request) -> web.Response:
-    return web.json_response({"topics": await broker_of(request).storage.topics.list_topics()})
+    topics = await broker_of(request).storage.topics.list_topics()
+    return web.json_response({"topics": access.listed(request, topics)})
 
 
 async def post_topic_message(request: web.Request) -> web.Response:

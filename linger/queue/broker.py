@@ -11,6 +11,7 @@ from functools import partial
 from typing import Protocol
 
 from linger import errors
+from linger.auth.scopes import Patterns
 from linger.queue.notifier import Notifier, Waiter
 from linger.store.batches import Named
 from linger.store.records import DONE, Message, NewMessage, Options
@@ -227,18 +228,22 @@ class Broker:
                 until = next_visible - self.storage.now() / 1000 + _VISIBLE_SLACK
                 delay = max(0.0, min(delay, until))
 
-    async def release(self, message_id: int, lease: int | None, delay: int) -> None:
+    async def release(
+        self, message_id: int, lease: int | None, delay: int, scope: Patterns | None = None
+    ) -> None:
         """Give a delivered message back (ready now, or after ``delay`` s) and wake a
         consumer of its channel when it is ready now."""
-        channel = await self.storage.leases.release(message_id, lease, delay)
+        channel = await self.storage.leases.release(message_id, lease, delay, scope)
         self.counters["msg-release"] += 1
         if channel is not None:
             self.notifier.notify(channel)
 
-    async def reject(self, message_id: int, lease: int | None) -> None:
+    async def reject(
+        self, message_id: int, lease: int | None, scope: Patterns | None = None
+    ) -> None:
         """Move a delivered message to its dead channel now (or discard it) and wake a
         consumer of that channel."""
-        dead = await self.storage.leases.reject(message_id, lease)
+        dead = await self.storage.leases.reject(message_id, lease, scope)
         self.counters["msg-reject"] += 1
         if dead is None:
             self.counters["msg-discarded"] += 1
@@ -246,28 +251,34 @@ class Broker:
         self.counters["msg-dead"] += 1
         self.notifier.notify(dead)
 
-    async def delete_many(self, named: Sequence[Named], *, by_lease: bool) -> list[str]:
+    async def delete_many(
+        self, named: Sequence[Named], *, by_lease: bool, scope: Patterns | None = None
+    ) -> list[str]:
         """Delete a batch of delivered messages; the outcome of each, in order."""
-        done = await self.storage.batches.delete(named, by_lease=by_lease)
+        done = await self.storage.batches.delete(named, by_lease=by_lease, scope=scope)
         self.counters["msg-delete"] += done.outcomes.count(DONE)
         return done.outcomes
 
-    async def touch_many(self, named: Sequence[Named], seconds: int | None) -> list[str]:
-        done = await self.storage.batches.touch(named, seconds)
+    async def touch_many(
+        self, named: Sequence[Named], seconds: int | None, scope: Patterns | None = None
+    ) -> list[str]:
+        done = await self.storage.batches.touch(named, seconds, scope)
         self.counters["msg-touch"] += done.outcomes.count(DONE)
         return done.outcomes
 
-    async def release_many(self, named: Sequence[Named], delay: int) -> list[str]:
+    async def release_many(
+        self, named: Sequence[Named], delay: int, scope: Patterns | None = None
+    ) -> list[str]:
         """Give a batch of delivered messages back and wake as many consumers as became
         ready."""
-        done = await self.storage.batches.release(named, delay)
+        done = await self.storage.batches.release(named, delay, scope)
         self.counters["msg-release"] += done.outcomes.count(DONE)
         self._wake(done.ready)
         return done.outcomes
 
-    async def reject_many(self, named: Sequence[Named]) -> list[str]:
+    async def reject_many(self, named: Sequence[Named], scope: Patterns | None = None) -> list[str]:
         """Dead-letter (or discard) a batch of delivered messages."""
-        done = await self.storage.batches.reject(named)
+        done = await self.storage.batches.reject(named, scope)
         self.counters["msg-reject"] += done.outcomes.count(DONE)
         self.counters["msg-dead"] += sum(done.ready.values())
         self.counters["msg-discarded"] += done.discarded

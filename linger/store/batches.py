@@ -27,15 +27,18 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from linger import errors
+from linger.auth.scopes import Patterns
 from linger.store import deadletters, leases
 from linger.store.db import messages
 from linger.store.driver import LIGHT_ROWS, Driver, Operation, single
+from linger.store.leases import Build, Scoped
 from linger.store.ledger import Tally
 from linger.store.records import DONE, MISSING, STALE, NewMessage
 from linger.store.sql import (
     INSERT_TYPES,
     READY,
     alive,
+    all_permitted,
     announced,
     given,
     given_ids,
@@ -131,20 +134,48 @@ class Batches:
         by_lease = sa.and_(given_leases(postgres=postgres), alive(param("now")))
         by_id = sa.and_(given_ids(postgres=postgres), alive(param("now")))
         gone = (m.c.id, m.c.channel, m.c.body_id)
+
+        def scoped(build: Build) -> Scoped:
+            # Limited to a scope, a batch acts on all the messages it names when every one
+            # is in a channel the scope covers, and on none otherwise: in one statement.
+            def whole(within: tuple[sa.ColumnElement[bool], ...]) -> Any:
+                return build((*within, all_permitted(postgres=postgres)) if within else ())
+
+            return Scoped(driver, whole)
+
         self._delete = {
-            True: prepare(sa.delete(m).where(by_lease).returning(*gone)),
-            False: prepare(sa.delete(m).where(by_id).returning(*gone)),
+            True: scoped(lambda within: sa.delete(m).where(by_lease, *within).returning(*gone)),
+            False: scoped(lambda within: sa.delete(m).where(by_id, *within).returning(*gone)),
         }
         held = sa.and_(given_leases(postgres=postgres), leases.held_now())
-        self._touch = prepare(sa.update(m).where(held).values(leases.touched()).returning(m.c.id))
-        release = sa.update(m).where(held).values(leases.released())
-        self._release = prepare(announced(release, m.c.visible_at, postgres=postgres, counted=True))
-        move = sa.update(m).where(held, leases.rejectable())
-        move = move.values(deadletters.moved_values("rejected"))
-        self._reject_move = prepare(announced(move, m.c.dead_from, postgres=postgres, counted=True))
-        discard = sa.delete(m).where(held, sa.not_(leases.rejectable()))
-        self._reject_delete = prepare(discard.returning(*gone))
-        self._live = prepare(sa.select(m.c.id).where(by_id))
+        self._touch = scoped(
+            lambda within: (
+                sa.update(m).where(held, *within).values(leases.touched()).returning(m.c.id)
+            )
+        )
+        self._release = scoped(
+            lambda within: announced(
+                sa.update(m).where(held, *within).values(leases.released()),
+                m.c.visible_at,
+                postgres=postgres,
+                counted=True,
+            )
+        )
+        moved = deadletters.moved_values("rejected")
+        self._reject_move = scoped(
+            lambda within: announced(
+                sa.update(m).where(held, leases.rejectable(), *within).values(moved),
+                m.c.dead_from,
+                postgres=postgres,
+                counted=True,
+            )
+        )
+        self._reject_delete = scoped(
+            lambda within: (
+                sa.delete(m).where(held, sa.not_(leases.rejectable()), *within).returning(*gone)
+            )
+        )
+        self._live = prepare(sa.select(m.c.id, m.c.channel).where(by_id))
 
     async def add(self, channel: str, batch: Sequence[NewMessage], hlm: int = 0) -> list[int]:
         """Store every message of ``batch`` in ``channel`` (in order: ids ascend) and
@@ -191,48 +222,54 @@ class Batches:
         ledger.added_all(channel, tuple(ids), hlm=hlm, refuse=refuse)
         return ids
 
-    async def delete(self, named: Sequence[Named], *, by_lease: bool) -> Acknowledged:
+    async def delete(
+        self, named: Sequence[Named], *, by_lease: bool, scope: Patterns | None = None
+    ) -> Acknowledged:
         """Delete the live messages named (``by_lease``: each only while the lease named
         is current; else by id, 1.0.1 style)."""
-        return await self._act(self._delete_operation, named, by_lease=by_lease)
+        return await self._act(self._delete_operation, named, scope, by_lease=by_lease)
 
     def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[_Acted]:
-        rows = yield self._delete[params["by_lease"]], params
+        rows = yield self._delete[params["by_lease"]](params), params
         for _id, channel, body_id in rows:
             ledger.removed(channel, body_id)
         return _Acted({int(row[0]) for row in rows})
 
-    async def touch(self, named: Sequence[Named], seconds: int | None) -> Acknowledged:
+    async def touch(
+        self, named: Sequence[Named], seconds: int | None, scope: Patterns | None = None
+    ) -> Acknowledged:
         """Restart the leases named, for ``seconds`` (default: each message's timeout)."""
-        return await self._act(self._touch_operation, named, seconds=seconds)
+        return await self._act(self._touch_operation, named, scope, seconds=seconds)
 
     def _touch_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[_Acted]:
-        return _Acted({int(row[0]) for row in (yield self._touch, params)})
+        return _Acted({int(row[0]) for row in (yield self._touch(params), params)})
 
-    async def release(self, named: Sequence[Named], delay: int) -> Acknowledged:
+    async def release(
+        self, named: Sequence[Named], delay: int, scope: Patterns | None = None
+    ) -> Acknowledged:
         """Give the messages named back: ready at once, or delayed ``delay`` s."""
-        return await self._act(self._release_operation, named, delay=delay)
+        return await self._act(self._release_operation, named, scope, delay=delay)
 
     def _release_operation(self, params: dict[str, Any], _ledger: Tally) -> Operation[_Acted]:
         acted = _Acted()
-        for channel, message_id, visible_at, *_notified in (yield self._release, params):
+        for channel, message_id, visible_at, *_notified in (yield self._release(params), params):
             acted.done.add(int(message_id))
             if visible_at == READY:
                 acted.ready[channel] += 1
         return acted
 
-    async def reject(self, named: Sequence[Named]) -> Acknowledged:
+    async def reject(self, named: Sequence[Named], scope: Patterns | None = None) -> Acknowledged:
         """Move the messages named to their dead channels (or discard those that have
         none or are dead letters already)."""
-        return await self._act(self._reject_operation, named)
+        return await self._act(self._reject_operation, named, scope)
 
     def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[_Acted]:
         acted = _Acted()
-        for dead, message_id, origin, *_notified in (yield self._reject_move, params):
+        for dead, message_id, origin, *_notified in (yield self._reject_move(params), params):
             ledger.moved(origin, dead)
             acted.ready[dead] += 1
             acted.done.add(int(message_id))
-        rows = yield self._reject_delete, params
+        rows = yield self._reject_delete(params), params
         for message_id, channel, body_id in rows:
             ledger.removed(channel, body_id)
             acted.done.add(int(message_id))
@@ -243,10 +280,13 @@ class Batches:
         self,
         operation: Callable[[dict[str, Any], Tally], Operation[_Acted]],
         named: Sequence[Named],
+        scope: Patterns | None,
         *,
         by_lease: bool = True,
         **extra: Any,
     ) -> Acknowledged:
+        """Run acknowledgement ``operation`` on the messages ``named``, limited to
+        ``scope``: ``NotAllowed`` when it left them alone because one is outside it."""
         ordered = sorted(named)
         ids = [message_id for message_id, _nonce in ordered]
         nonces = [nonce or 0 for _id, nonce in ordered] if by_lease else None
@@ -255,6 +295,7 @@ class Batches:
             "now": self.now(),
             "origin": self.origin,
             "by_lease": by_lease,
+            **leases.scoped(scope, postgres=self._postgres),
             **extra,
         }
         key = ("message", ids[0]) if ids else ()
@@ -281,5 +322,11 @@ class Batches:
         acted = yield from operation(params, ledger)
         live: set[int] = set()
         if len(acted.done) < count:
-            live = {int(row[0]) for row in (yield from single(self._live, params))} - acted.done
+            rows = yield from single(self._live, params)
+            scope: Patterns | None = params["scope"]
+            outside = {int(i) for i, channel in rows if scope and not scope.allows(channel)}
+            if outside and not acted.done:
+                raise errors.NotAllowed()
+            # A message moved out of the scope after the statement began is gone for it.
+            live = {int(row[0]) for row in rows} - acted.done - outside
         return acted, live

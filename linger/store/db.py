@@ -162,6 +162,24 @@ subscriptions = sa.Table(
     sa.Index(None, "channel"),
 )
 
+# Access tokens (``--auth``): only each secret's SHA-256 digest is kept, looked up by
+# its unique index. Scopes are a JSON array of ``<action>:<pattern>`` strings. A revoked
+# token keeps its row (``linger token list`` shows it), and never works again.
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", _ID, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(NAME_LENGTH), nullable=False),
+    sa.Column("digest", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("scopes", sa.Text, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("revoked_at", sa.BigInteger, nullable=True),
+    # Written at most once a minute per process and token, never on a request's path.
+    sa.Column("last_used_at", sa.BigInteger, nullable=True),
+    sqlite_autoincrement=True,
+)
+
 server = sa.Table(
     "server",
     metadata,

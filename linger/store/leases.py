@@ -17,11 +17,12 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from linger import errors
+from linger.auth.scopes import Patterns
 from linger.store import deadletters
 from linger.store.db import messages
-from linger.store.driver import Driver, Operation, Row
+from linger.store.driver import Driver, Operation, Prepared, Row
 from linger.store.ledger import Tally
-from linger.store.sql import READY, alive, announced, dead_after, ms_sql, param
+from linger.store.sql import READY, alive, announced, dead_after, ms_sql, param, patterns, permitted
 
 m = messages
 T = TypeVar("T")
@@ -96,19 +97,49 @@ def rejectable() -> sa.ColumnElement[bool]:
 
 
 def explain_stmt() -> sa.Select[Any]:
-    """Why a lease operation on :id changed nothing: (lease, hidden) of the live row."""
+    """Why a lease operation on :id changed nothing: (lease, hidden, channel) of the live
+    row."""
     now = param("now")
-    return sa.select(m.c.lease, hidden(now)).where(m.c.id == param("id"), alive(now))
+    return sa.select(m.c.lease, hidden(now), m.c.channel).where(m.c.id == param("id"), alive(now))
 
 
-def raise_for(rows: list[Row], lease: int | None) -> None:
+def raise_for(rows: list[Row], lease: int | None, scope: Patterns | None = None) -> None:
     """Raise the error an operation on a message gets when it changed nothing: the message
-    is gone, the lease presented is not its current one, or it is not hidden."""
+    is gone, it is in a channel the token's ``scope`` does not cover, the lease presented
+    is not its current one, or it is not hidden."""
     if not rows:
         raise errors.NotFound()
+    if scope is not None and not scope.allows(rows[0][2]):
+        raise errors.NotAllowed()
     if lease is not None and rows[0][0] != lease:
         raise errors.LeaseStale()
     raise errors.NotHidden()
+
+
+Build = Callable[[tuple[sa.ColumnElement[bool], ...]], Any]
+
+
+class Scoped:
+    """A statement on messages prepared twice: for any channel, and for a token whose
+    scope covers only some (the message's channel is matched against the scope's
+    patterns in the same statement: a message outside them is left alone)."""
+
+    __slots__ = ("limited", "unlimited")
+
+    def __init__(self, driver: Driver[Tally], build: Build) -> None:
+        self.unlimited = driver.prepare(build(()))
+        self.limited = driver.prepare(build((permitted(postgres=driver.postgres),)))
+
+    def __call__(self, params: dict[str, Any]) -> Prepared:
+        """The statement for ``params`` (see ``scoped``)."""
+        return self.unlimited if params.get("scope") is None else self.limited
+
+
+def scoped(scope: Patterns | None, *, postgres: bool) -> dict[str, Any]:
+    """The parameters that limit a ``Scoped`` statement to ``scope`` (None: any channel)."""
+    if scope is None:
+        return {"scope": None}
+    return {"scope": scope, "patterns": patterns(scope, postgres=postgres)}
 
 
 class Leases:
@@ -121,13 +152,34 @@ class Leases:
         prepare = driver.prepare
         postgres = driver.postgres
         held = sa.and_(m.c.id == param("id"), held_now(), presented())
-        self._touch = prepare(sa.update(m).where(held).values(touched()).returning(m.c.id))
-        release = sa.update(m).where(held).values(released())
-        self._release = prepare(announced(release, m.c.visible_at, postgres=postgres))
-        move = sa.update(m).where(held, rejectable()).values(deadletters.moved_values("rejected"))
-        self._reject_move = prepare(announced(move, m.c.dead_from, postgres=postgres))
-        self._reject_delete = prepare(
-            sa.delete(m).where(held, sa.not_(rejectable())).returning(m.c.channel, m.c.body_id)
+        self._touch = Scoped(
+            driver,
+            lambda within: sa.update(m).where(held, *within).values(touched()).returning(m.c.id),
+        )
+        self._release = Scoped(
+            driver,
+            lambda within: announced(
+                sa.update(m).where(held, *within).values(released()),
+                m.c.visible_at,
+                postgres=postgres,
+            ),
+        )
+        moved = deadletters.moved_values("rejected")
+        self._reject_move = Scoped(
+            driver,
+            lambda within: announced(
+                sa.update(m).where(held, rejectable(), *within).values(moved),
+                m.c.dead_from,
+                postgres=postgres,
+            ),
+        )
+        self._reject_delete = Scoped(
+            driver,
+            lambda within: (
+                sa.delete(m)
+                .where(held, sa.not_(rejectable()), *within)
+                .returning(m.c.channel, m.c.body_id)
+            ),
         )
         self._explain = prepare(explain_stmt())
 
@@ -135,44 +187,66 @@ class Leases:
         self,
         operation: Callable[[dict[str, Any], Tally], Operation[T]],
         message_id: int,
+        scope: Patterns | None,
         **params: Any,
     ) -> T:
-        params = {"id": message_id, "now": self.now(), "origin": self.origin, **params}
+        params = {
+            "id": message_id,
+            "now": self.now(),
+            "origin": self.origin,
+            **scoped(scope, postgres=self._driver.postgres),
+            **params,
+        }
         return await self._driver.write(partial(operation, params), key=("message", message_id))
 
-    async def touch(self, message_id: int, lease: int | None, seconds: int | None) -> None:
-        """Restart the lease of a hidden message, for ``seconds`` (default: its timeout)."""
-        await self._act(self._touch_operation, message_id, nonce=lease, seconds=seconds)
+    async def touch(
+        self,
+        message_id: int,
+        lease: int | None,
+        seconds: int | None,
+        scope: Patterns | None = None,
+    ) -> None:
+        """Restart the lease of a hidden message, for ``seconds`` (default: its timeout).
+        With ``scope``, only a message in a channel it covers (else ``NotAllowed``)."""
+        await self._act(self._touch_operation, message_id, scope, nonce=lease, seconds=seconds)
 
     def _touch_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
-        if not (yield self._touch, params):
-            raise_for((yield self._explain, params), params["nonce"])
+        if not (yield self._touch(params), params):
+            self._raise_for((yield self._explain, params), params)
 
-    async def release(self, message_id: int, lease: int | None, delay: int) -> str | None:
+    async def release(
+        self, message_id: int, lease: int | None, delay: int, scope: Patterns | None = None
+    ) -> str | None:
         """Give a hidden message back: ready at once (return its channel, to wake its
         consumers), or delayed ``delay`` s (return None)."""
-        return await self._act(self._release_operation, message_id, nonce=lease, delay=delay)
+        return await self._act(self._release_operation, message_id, scope, nonce=lease, delay=delay)
 
     def _release_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:
-        rows = yield self._release, params
+        rows = yield self._release(params), params
         if not rows:
-            raise_for((yield self._explain, params), params["nonce"])
+            self._raise_for((yield self._explain, params), params)
         channel, _id, visible_at = rows[0][:3]
         return str(channel) if visible_at == READY else None
 
-    async def reject(self, message_id: int, lease: int | None) -> str | None:
+    async def reject(
+        self, message_id: int, lease: int | None, scope: Patterns | None = None
+    ) -> str | None:
         """Move a hidden message to its dead channel now (return that channel), or discard
         it when it has none or already is a dead letter (return None)."""
-        return await self._act(self._reject_operation, message_id, nonce=lease)
+        return await self._act(self._reject_operation, message_id, scope, nonce=lease)
 
     def _reject_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:
-        rows = yield self._reject_move, params
+        rows = yield self._reject_move(params), params
         if rows:
             dead, _id, origin = rows[0][:3]
             ledger.moved(origin, dead)
             return str(dead)
-        rows = yield self._reject_delete, params
+        rows = yield self._reject_delete(params), params
         if not rows:
-            raise_for((yield self._explain, params), params["nonce"])
+            self._raise_for((yield self._explain, params), params)
         ledger.removed(rows[0][0], rows[0][1])
         return None
+
+    @staticmethod
+    def _raise_for(rows: list[Row], params: dict[str, Any]) -> None:
+        raise_for(rows, params["nonce"], params["scope"])

@@ -11,6 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from linger import errors
+from linger.auth.scopes import Patterns
 from linger.store import leases
 from linger.store.db import bodies, messages
 from linger.store.driver import LIGHT_ROWS, Driver, Operation, Prepared, Row, single
@@ -127,10 +128,13 @@ class Messages:
         self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))
         self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
         now_ = param("now")
-        self._delete = prepare(
-            sa.delete(m)
-            .where(m.c.id == param("id"), alive(now_), leases.presented())
-            .returning(m.c.channel, m.c.body_id)
+        self._delete = leases.Scoped(
+            driver,
+            lambda within: (
+                sa.delete(m)
+                .where(m.c.id == param("id"), alive(now_), leases.presented(), *within)
+                .returning(m.c.channel, m.c.body_id)
+            ),
         )
         self._explain = prepare(leases.explain_stmt())
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
@@ -244,18 +248,26 @@ class Messages:
         until = self.now()
         await self._driver.write(lambda ledger: _note_polled(ledger, channel, until), atomic=False)
 
-    async def delete(self, message_id: int, lease: int | None = None) -> None:
+    async def delete(
+        self, message_id: int, lease: int | None = None, scope: Patterns | None = None
+    ) -> None:
         """Delete a live message in any state (with ``lease``: only while that lease is
-        current, else ``LeaseStale``); raise ``NotFound`` when there is none."""
-        params = {"id": message_id, "now": self.now(), "nonce": lease}
+        current, else ``LeaseStale``; with ``scope``: only in a channel it covers, else
+        ``NotAllowed``); raise ``NotFound`` when there is none."""
+        params = {
+            "id": message_id,
+            "now": self.now(),
+            "nonce": lease,
+            **leases.scoped(scope, postgres=self._driver.postgres),
+        }
         await self._driver.write(
             partial(self._delete_operation, params), key=("message", message_id)
         )
 
     def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
-        rows = yield self._delete, params
+        rows = yield self._delete(params), params
         if not rows:
-            leases.raise_for((yield self._explain, params), params["nonce"])
+            leases.raise_for((yield self._explain, params), params["nonce"], params["scope"])
         ledger.removed(rows[0][0], rows[0][1])
 
     async def drain(self, channel: str) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
+from linger.auth.scopes import Patterns
 from linger.store.db import messages
 
 m = messages
@@ -227,13 +228,45 @@ def announced(stmt: Any, *columns: Any, postgres: bool, counted: bool = False) -
     return sa.select(*changed.c, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
 
 
-def given_ids(*, postgres: bool) -> sa.ColumnElement[bool]:
+def given_ids(*, postgres: bool, table: sa.FromClause = m) -> sa.ColumnElement[bool]:
     """``id`` among the ids a batch names, bound as :ids (see ``given``): a lookup of
     each in the primary key."""
     if postgres:
-        return m.c.id == sa.any_(param("ids", postgresql.ARRAY(sa.BigInteger)))
+        return table.c.id == sa.any_(param("ids", postgresql.ARRAY(sa.BigInteger)))
     ids = sa.func.json_each(param("ids", sa.String)).table_valued("value")
-    return m.c.id.in_(sa.select(ids.c.value))
+    return table.c.id.in_(sa.select(ids.c.value))
+
+
+def permitted(*, postgres: bool, table: sa.FromClause = m) -> sa.ColumnElement[bool]:
+    """The message's channel matches one of the scope patterns bound as :patterns (see
+    ``patterns``): ``LIKE ANY`` of an array on PostgreSQL, ``GLOB`` over a JSON array on
+    SQLite (both case-sensitive)."""
+    channel = table.c.channel
+    if postgres:
+        return channel.like(sa.any_(param("patterns", postgresql.ARRAY(sa.Text))))
+    globs = sa.func.json_each(param("patterns", sa.String)).table_valued("value")
+    return sa.exists(sa.select(1).select_from(globs).where(channel.op("GLOB")(globs.c.value)))
+
+
+def all_permitted(*, postgres: bool) -> sa.ColumnElement[bool]:
+    """Every message a batch names (:ids) is in a channel the scope patterns allow: the
+    batch acts on all of them or on none."""
+    other = m.alias("named")
+    return sa.not_(
+        sa.exists(
+            sa.select(1)
+            .select_from(other)
+            .where(
+                given_ids(postgres=postgres, table=other),
+                sa.not_(permitted(postgres=postgres, table=other)),
+            )
+        )
+    )
+
+
+def patterns(globs: Patterns, *, postgres: bool) -> str | list[str]:
+    """The :patterns parameter of ``permitted``."""
+    return globs.like() if postgres else json.dumps(globs.glob())
 
 
 def given_leases(*, postgres: bool) -> sa.ColumnElement[bool]:

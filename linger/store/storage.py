@@ -16,6 +16,7 @@ from linger.store.ledger import LedgerStatements, Tally
 from linger.store.messages import Messages
 from linger.store.overview import Overview
 from linger.store.sweep import Sweeper
+from linger.store.tokens import Tokens
 from linger.store.topics import Topics
 
 
@@ -35,6 +36,7 @@ class Storage:
         self.sweeper = Sweeper(self.driver, self.now, origin)
         self.topics = Topics(self.driver, self.now, origin)
         self.overview = Overview(self.driver, self.now)
+        self.tokens = Tokens(self.driver, self.now)
 
     def now(self) -> int:
         """The clock in integer milliseconds."""
