@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join([*SCENARIOS, "longpoll", "observe"]),
+        default=",".join([*SCENARIOS, "longpoll", "observe", "auth"]),
         help="comma-separated scenario names",
     )
     parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
@@ -202,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             return linger_command(backend, Path(workdir), url, args.python)
 
         for name in chosen:
+            if name == "auth":
+                new = _auth_rows(backends, command, size, runs, cluster.pid if cluster else None)
+                failures += sum(row[2].startswith("FAILED") for row in new)
+                rows.extend(new)
+                print_table(new, header=False)
+                continue
             if name == "observe":
                 new = _observe_rows(backends, command, size)
                 failures += sum(row[2].startswith("FAILED") for row in new)
@@ -246,6 +252,57 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print_table(rows, header=True)
     return 1 if failures else 0
+
+
+def _token(command: list[str]) -> str:
+    """A token for the cycle's channel, made by ``linger token create`` on the database of
+    the Linger that ``command`` runs."""
+    database = next(i for i, arg in enumerate(command) if arg in ("--dbfile", "--db"))
+    created = subprocess.run(
+        [*command[:4], "token", "create", "--name", "bench", "--scope", "produce:cyc*",
+         "--scope", "consume:cyc*", *command[database : database + 2]],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return created.stdout.strip()
+
+
+def _authorized(figure: Figure, command: list[str]) -> Figure:
+    """``figure`` with every request carrying a token scoped to the channel (``cyc*``):
+    the statements that act on a message by id check its channel, as in production."""
+
+    def run(server: Server, size: Size) -> Run:
+        server.headers = {"Authorization": f"Bearer {_token(command)}"}
+        return figure(server, size)
+
+    return run
+
+
+def _auth_rows(
+    backends: list[str],
+    command: Callable[[str], list[str]],
+    size: Size,
+    runs: int,
+    postgres_pid: int | None,
+) -> list[Row]:
+    """The cycle without and with ``--auth``, on the same backend in the same sitting
+    (the in-memory database cannot hold tokens: ``--auth`` refuses it)."""
+    figure, unit = SCENARIOS["cycle"]
+    rows: list[Row] = []
+    for backend in (b for b in backends if b != "memory"):
+        pid = postgres_pid if backend == "postgres" else None
+        try:
+            plain = measure(command(backend), backend, figure, size, runs, pid)
+            guarded = [*command(backend), "--auth"]
+            auth = measure(guarded, backend, _authorized(figure, guarded), size, runs, pid)
+        except (Failed, subprocess.CalledProcessError) as error:
+            rows.append(("cycle --auth", backend, f"FAILED: {error}", "", "", "", ""))
+            continue
+        rows.append(("cycle", backend, f"{plain.rate:,.0f} {unit}", plain.cpu(), "-", "-", "-"))
+        change = f"{auth.rate / plain.rate:.2f}x of without"
+        rows.append(
+            ("cycle --auth", backend, f"{auth.rate:,.0f} {unit}", auth.cpu(), "-", "-", change)
+        )
+    return rows
 
 
 def _observe_rows(

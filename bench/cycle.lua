@@ -1,9 +1,12 @@
 -- wrk script: each connection (one per thread) loops POST a message, GET ?nowait, DELETE
 -- the message it got. Counts completed cycles and anything unexpected.
--- Run: wrk -t16 -c16 -d10s -s bench/cycle.lua http://127.0.0.1:8989 -- <channel>
+-- Run: wrk -t16 -c16 -d10s -s bench/cycle.lua http://127.0.0.1:8989 -- <channel> [token]
+-- (a token: every request carries it as a bearer token, for a server run with --auth).
 local threads = {}
 local channel = "bench"
 local body = string.rep("x", 256)
+local post_headers = {["Content-Type"] = "text/plain"}
+local headers = {}
 
 function setup(thread)
   table.insert(threads, thread)
@@ -11,6 +14,10 @@ end
 
 function init(args)
   if args[1] then channel = args[1] end
+  if args[2] then
+    post_headers["Authorization"] = "Bearer " .. args[2]
+    headers["Authorization"] = "Bearer " .. args[2]
+  end
   state = "post"
   id = nil
   cycles = 0
@@ -20,11 +27,11 @@ end
 
 function request()
   if state == "post" then
-    return wrk.format("POST", "/channels/" .. channel, {["Content-Type"] = "text/plain"}, body)
+    return wrk.format("POST", "/channels/" .. channel, post_headers, body)
   elseif state == "get" then
-    return wrk.format("GET", "/channels/" .. channel .. "?nowait")
+    return wrk.format("GET", "/channels/" .. channel .. "?nowait", headers)
   end
-  return wrk.format("DELETE", "/messages/" .. id)
+  return wrk.format("DELETE", "/messages/" .. id, headers)
 end
 
 function response(status, headers, _)

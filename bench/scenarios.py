@@ -130,7 +130,7 @@ async def _json(session: aiohttp.ClientSession, url: str) -> dict[str, object]:
 
 def channel_stats(server: Server, channel: str) -> tuple[int, int]:
     async def fetch() -> dict[str, object]:
-        async with aiohttp.ClientSession() as session:
+        async with server.session() as session:
             return await _json(session, f"{server.base}/channels/{channel}/stats")
 
     stats = asyncio.run(fetch())
@@ -144,7 +144,7 @@ def _names(prefix: str, channels: int) -> list[str]:
 async def _fill(server: Server, names: list[str], count: int, query: str) -> None:
     body = b"x" * 256
     numbers = iter(range(count))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+    async with server.session(connector=aiohttp.TCPConnector(limit=32)) as session:
 
         async def worker() -> None:
             for number in numbers:
@@ -162,7 +162,7 @@ def fill(server: Server, prefix: str, channels: int, count: int, query: str = ""
 
 async def _claim(server: Server, channel: str, count: int) -> None:
     numbers = iter(range(count))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+    async with server.session(connector=aiohttp.TCPConnector(limit=32)) as session:
 
         async def worker() -> None:
             for _ in numbers:
@@ -180,7 +180,7 @@ def claim(server: Server, channel: str, count: int) -> None:
 
 async def _drain(server: Server, names: list[str]) -> int:
     seen: set[int] = set()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as session:
+    async with server.session(connector=aiohttp.TCPConnector(limit=32)) as session:
 
         async def worker(name: str) -> None:
             while True:
@@ -233,7 +233,7 @@ def _accounted(
 
 
 async def _empty(server: Server, channels: list[str]) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with server.session() as session:
         for name in channels:
             async with session.delete(f"{server.base}/channels/{name}") as response:
                 _require(response.status == 204, f"drain {name}: {response.status}")
@@ -271,8 +271,10 @@ def consume(server: Server, size: Size) -> Run:
 
 def _cycle(server: Server, size: Size, channel: str) -> Run:
     """The cycle on ``channel`` for ``size.seconds``; each cycle moves one message."""
+    token = server.headers.get("Authorization", "").removeprefix("Bearer ")
     with server.metered() as cpu:
-        result = wrk(server, "cycle.lua", [channel], connections=16, seconds=size.seconds)
+        args = [channel, token] if token else [channel]
+        result = wrk(server, "cycle.lua", args, connections=16, seconds=size.seconds)
     _require(result.errors == 0, f"cycle: {result.errors} errors")
     return Run(result.rate, result.ops, cpu)
 
@@ -324,7 +326,7 @@ def pubsub(server: Server, size: Size, subscribers: int) -> Run:
     prefix = f"s{subscribers}-"
 
     async def subscribe() -> None:
-        async with aiohttp.ClientSession() as session:
+        async with server.session() as session:
             for i in range(subscribers):
                 async with session.put(
                     f"{server.base}/channels/{prefix}{i}/topics/{topic}"
@@ -382,7 +384,7 @@ async def _longpoll(server: Server, size: Size, waiters_stat: bool) -> LongPoll:
     duplicates: list[int] = []
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with server.session(connector=connector, timeout=timeout) as session:
 
         async def wait(i: int) -> None:
             async with session.get(f"{server.base}/channels/lp{i % channels}") as response:
@@ -468,7 +470,7 @@ async def _batch_run(server: Server, size: Size, channel: str, consumers: int) -
     stop = loop.time() + size.seconds
     producing = True
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with server.session(connector=connector) as session:
 
         async def producer() -> None:
             while loop.time() < stop:

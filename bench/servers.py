@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -66,6 +66,11 @@ class Server:
     log: Path | None = None
     # The PostgreSQL server it uses, whose CPU counts with its own.
     database_pid: int | None = None
+    # Sent with every request the benchmark's own clients make (a token, with --auth).
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def session(self, **kwargs: Any) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(headers=self.headers, **kwargs)
 
     @property
     def base(self) -> str:
@@ -90,7 +95,7 @@ class Server:
                     raise RuntimeError(f"{self.name} exited: {self.log_text()[-2000:]}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with session.get(self.base + "/stats") as response:
-                        if response.status == 200:
+                        if response.status in (200, 401):  # 401: up, with --auth
                             return
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{self.name} did not start")
