@@ -4,6 +4,7 @@ published bodies, listing marks; drains and sweeps in batches that let others wr
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
@@ -76,6 +77,47 @@ async def test_concurrent_adds_stop_exactly_at_the_mark(make_client: ClientFacto
     assert sorted(r.status for r in responses) == [202] * 30 + [507] * 30
     assert (await stats(client, "c"))["ready"] == 30
     assert await _counted(client) == {"c": 30}
+
+
+async def test_concurrent_single_and_batch_adds_stop_exactly_at_the_mark(
+    make_client: ClientFactory,
+) -> None:
+    """Groups mixing batches and single adds near the mark: the channel ends exactly at it
+    (the singles alone could fill it), and each refusal names the count it met."""
+    client = await make_client(hlm=20)
+    await add(client, "c")
+    singles = [
+        client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"}) for _ in range(20)
+    ]
+    batches = [
+        client.post(
+            "/channels/c/messages",
+            data=json.dumps([{"body": "b"}] * 2),
+            headers={"Content-Type": "application/json"},
+        )
+        for _ in range(10)
+    ]
+    responses = await asyncio.gather(*singles, *batches)
+    stored = 1
+    for response in responses[:20]:
+        if response.status == 202:
+            stored += 1
+        else:
+            await error(response, 507, "Channel c is at the high-level mark with 20 messages")
+    for response in responses[20:]:
+        if response.status == 202:
+            stored += 2
+        else:
+            assert response.status == 507, await response.text()
+            text = (await response.json())["error"]
+            assert text in [
+                f"Channel c cannot take 2 more messages: it is at the high-level mark with {n} "
+                "messages"
+                for n in (19, 20)
+            ]
+    assert stored == 20
+    assert (await stats(client, "c"))["ready"] == 20
+    assert await _counted(client) == {"c": 20}
 
 
 async def test_counts_stay_exact_through_every_kind_of_change(

@@ -241,7 +241,8 @@ class Tally:
             return []
         # Only near the mark: dead rows that the sweeper has not deleted yet do not count.
         rows = yield self._statements.dead, {"now": self._now(), "channel": channel}
-        before = count - int(rows[0][0]) - len(adds)
+        # The count before the group's adds: each add stored its batch, not one message.
+        before = count - int(rows[0][0]) - sum(len(add.message_ids) for add in adds)
         refused: list[_Add] = []
         accepted = 0
         for add in adds:
