@@ -10,7 +10,7 @@ import zlib
 
 import pytest
 
-from linger.http.bodies import MAX_FORM_FIELDS
+from linger.http.bodies import MAX_FORM_FIELDS, MAX_PREAMBLE
 from linger.http.keys import BROKER
 
 from .conftest import ClientFactory
@@ -70,6 +70,47 @@ async def test_chunked_multipart_counts_every_byte(client: Client) -> None:
     assert response.status in (400, 413), await response.text()
     assert "error" in await response.json()
     assert probe.worst < 0.25, probe.worst
+
+
+_FORM = b"--b0undary\r\nContent-Disposition: form-data; name=msg\r\n\r\nhi\r\n--b0undary--\r\n"
+_MULTIPART = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+_PREAMBLE_TOO_LONG = f"Invalid form data: more than {MAX_PREAMBLE} bytes before the first boundary."
+
+
+async def test_multipart_preamble_is_bounded(client: Client) -> None:
+    """Lines before the first boundary (which aiohttp's reader skips one by one) count
+    too: a long preamble within the form's length is refused at once."""
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/c", data=b"\n" * 800_000 + _FORM, headers=_MULTIPART
+        )
+        await error(response, 400, _PREAMBLE_TOO_LONG)
+        long_line = await client.post(
+            "/channels/c", data=b"p" * 800_000 + b"\r\n" + _FORM, headers=_MULTIPART
+        )
+        await error(long_line, 400, _PREAMBLE_TOO_LONG)
+    assert probe.worst < 0.25, probe.worst
+    assert (await stats(client, "c"))["ready"] == 0
+    for preamble in (b"", b"\r\n", b"a preamble\r\n" * (MAX_PREAMBLE // 12)):
+        response = await client.post("/channels/c", data=preamble + _FORM, headers=_MULTIPART)
+        assert response.status == 202, await response.text()
+    assert await (await get(client, "c")).read() == b"hi"
+    for unfinished in (b"\n" * 100, b"\n" * 100 + b"--b0undaryX\r\n"):
+        response = await client.post("/channels/c", data=unfinished, headers=_MULTIPART)
+        await error(response, 400, "Invalid form data.")
+
+
+async def test_chunked_multipart_preamble_is_bounded(client: Client) -> None:
+    async def chunks() -> object:
+        for _ in range(20):  # 5 MB of empty lines before the first boundary
+            yield b"\n" * 250_000
+        yield _FORM
+
+    async with Probe(client) as probe:
+        response = await client.post("/channels/c", data=chunks(), headers=_MULTIPART)
+        await error(response, 400, _PREAMBLE_TOO_LONG)
+    assert probe.worst < 0.25, probe.worst
+    assert (await stats(client, "c"))["ready"] == 0
 
 
 async def test_urlencoded_form_with_too_many_fields_is_400(client: Client) -> None:
@@ -211,6 +252,33 @@ async def test_query_message_with_invalid_utf8_is_400(client: Client) -> None:
 async def test_responses_name_linger_without_a_version(client: Client) -> None:
     for response in (await client.get("/"), await client.get("/nowhere")):
         assert response.headers["Server"] == "Linger"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "text"),
+    [
+        ("POST", "/channels/c", "Unsupported expectation."),  # Linger's Expect handler
+        ("DELETE", "/channels/c", "Expectation Failed"),  # aiohttp's default one
+        ("POST", "/nowhere", "Expectation Failed"),  # no route
+    ],
+)
+async def test_failed_expectations_are_json_from_linger(
+    client: Client, method: str, path: str, text: str
+) -> None:
+    """Expect handlers run before the middlewares: their 417s too say ``Server: Linger``
+    (no version) and are JSON errors naming their request."""
+    response = await client.request(
+        method, path, headers={"Expect": "foo", "X-Request-Id": "expecting"}
+    )
+    await error(response, 417, text)
+    assert response.headers["Server"] == "Linger"
+    assert response.headers["X-Request-Id"] == "expecting"
+    head = f"{method} {path} HTTP/1.1\r\nHost: x\r\nExpect: foo\r\nConnection: close\r\n\r\n"
+    answer = await raw_request(client, head.encode())
+    assert status_of(answer) == 417
+    assert b"\r\nServer: Linger\r\n" in answer
+    assert json_body_of(answer) == {"error": text}
+    assert (await stats(client, "c"))["ready"] == 0
 
 
 async def test_get_for_a_closed_connection_claims_nothing(client: Client) -> None:

@@ -3,20 +3,23 @@
 A body is read only as far as its limit (a larger one is 413 without being read into
 memory), within ``--body-timeout`` (408), and only when it is not compressed (415): the
 server never inflates a request. Forms have at most ``MAX_FORM_FIELDS`` fields or parts,
-and a large urlencoded form is decoded off the event loop, so that no request, however
-built, holds up the others.
+a multipart form at most ``MAX_PREAMBLE`` bytes before its first boundary, and a large
+urlencoded form is decoded off the event loop, so that no request, however built, holds
+up the others.
 """
 
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 from aiohttp import BodyPartReader, hdrs, web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.helpers import parse_mimetype
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from linger import errors
 from linger.http import params, server
@@ -28,6 +31,12 @@ FORMS = ("application/x-www-form-urlencoded", "multipart/form-data")
 FORM_OVERHEAD = 64 * 1024
 # Fields of a urlencoded form, or parts of a multipart one.
 MAX_FORM_FIELDS = 64
+# Bytes a multipart form may send before its first boundary (a preamble, which form
+# clients do not send): aiohttp's reader would skip any number of them line by line, on the
+# event loop, before Linger could count them.
+MAX_PREAMBLE = 1024
+# A boundary's line beyond the boundary: "--" (the last one), padding, CRLF.
+_BOUNDARY_LINE_EXTRA = 64
 # Longest Content-Type kept with a message.
 MAX_CONTENT_TYPE = 1024
 # Urlencoded forms longer than this are decoded in a thread: percent-decoding is Python
@@ -107,7 +116,6 @@ def _refused(request: web.Request, response: web.Response) -> web.Response:
     """The body will not come: close the connection after the answer, reading nothing."""
     response.force_close()
     server.abandon(request)
-    response.headers["Server"] = server.SERVER
     return response
 
 
@@ -166,7 +174,8 @@ async def _read_multipart(request: web.Request, limit: int) -> list[tuple[str, b
     """The parts of a multipart form; None when the body (boundaries, part headers and
     empty parts counted) passes ``limit``."""
     fields: list[tuple[str, bytes]] = []
-    reader = await request.multipart()
+    reader = await request.multipart()  # checks the boundary, reads nothing
+    await _to_first_boundary(request)
     async for part in reader:
         if not isinstance(part, BodyPartReader):
             raise errors.InvalidParameter("Invalid form data.")
@@ -177,6 +186,34 @@ async def _read_multipart(request: web.Request, limit: int) -> list[tuple[str, b
             return None
         fields.append((part.name or "", data))
     return fields
+
+
+async def _to_first_boundary(request: web.Request) -> None:
+    """Read a multipart body's preamble, at most ``MAX_PREAMBLE`` bytes of it (counted with
+    the rest of the body), and give the first boundary's line back for the multipart
+    reader to find at once."""
+    parameters = parse_mimetype(request.headers[hdrs.CONTENT_TYPE]).parameters
+    boundary = ("--" + parameters["boundary"]).encode()  # as the multipart reader has it
+    longest = len(boundary) + _BOUNDARY_LINE_EXTRA
+    read = 0
+    while read <= MAX_PREAMBLE:
+        try:
+            # Room for the rest of the preamble, or for the boundary's line.
+            line = await request.content.readline(max_line_length=MAX_PREAMBLE - read + longest)
+        except LineTooLong:
+            break
+        if not line:
+            raise errors.InvalidParameter("Invalid form data.")
+        if line.rstrip() in (boundary, boundary + b"--"):  # the reader's own test
+            # unread_data() is deprecated, but the multipart reader gives boundaries back
+            # with it too.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                request.content.unread_data(line)
+            return
+        read += len(line)
+    text = f"Invalid form data: more than {MAX_PREAMBLE} bytes before the first boundary."
+    raise errors.InvalidParameter(text)
 
 
 async def _read_form(request: web.Request, max_size: int) -> tuple[bytes, dict[str, str]]:

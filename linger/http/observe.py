@@ -3,7 +3,8 @@
 The id is the client's ``X-Request-Id`` when it is a sane token (what nginx's
 ``$request_id`` or a client library sends), else a new one; it is echoed in the
 response, set in ``linger.logs.REQUEST_ID`` for everything logged while the request is
-served, and carried by its access log line.
+served, and carried by its access log line. Every response also says ``Server: Linger``,
+without a version.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
 from linger.http.keys import METRICS
+from linger.http.responses import SERVER
 from linger.logs import REQUEST_ID
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,8 +69,11 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response, streamed ones too, names its request."""
+    """``on_response_prepare``: every response, streamed ones and those of ``Expect``
+    handlers (which no middleware sees) too, names its request and says ``Server: Linger``
+    (aiohttp's default names Python's and aiohttp's versions)."""
     response.headers[HEADER] = request_id(request)
+    response.headers[hdrs.SERVER] = SERVER
 
 
 def client_address(request: BaseRequest) -> str:

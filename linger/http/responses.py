@@ -6,6 +6,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+# Every response's Server header: no version banner.
+SERVER = "Linger"
 # Header values are ASCII: names and texts outside it are written percent-encoded.
 _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
 

@@ -29,11 +29,10 @@ from linger.config import Settings
 from linger.http.keys import DRAINING, SETTINGS
 from linger.http.observe import HEADER as REQUEST_ID_HEADER
 from linger.http.observe import AccessLogger, request_id
-from linger.http.responses import error_response, header_value
+from linger.http.responses import SERVER, error_response, header_value
 
 logger = logging.getLogger(__name__)
 
-SERVER = "Linger"
 # Idle keep-alive connections are closed after this long; above nginx's upstream
 # keepalive_timeout (60 s), so that nginx, not Linger, closes them first.
 KEEPALIVE_TIMEOUT = 75.0
@@ -225,10 +224,20 @@ def abandon(request: web.Request) -> None:
 def _tracked(
     handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]],
 ) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """The app's handler, noting that a request started, with aiohttp's HTTP errors that
+    no middleware saw as JSON errors: those of an ``Expect`` handler, which runs before the
+    middlewares (aiohttp's default answers an expectation other than ``100-continue`` with
+    a text/plain 417)."""
+
     async def handle(request: BaseRequest) -> web.StreamResponse:
         if isinstance(request.protocol, _Protocol):
             request.protocol.request_started()
-        return await handler(request)
+        try:
+            return await handler(request)
+        except web.HTTPException as error:
+            if error.status < 400 or not isinstance(request, web.Request):
+                raise
+            return finish(request, error_response(error.status, error.reason))
 
     return handle
 
@@ -274,11 +283,10 @@ def connected(request: web.Request) -> Callable[[], bool]:
 
 
 def finish(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
-    """No version banner; a stopping process closes each connection after its response."""
-    if not response.prepared:
-        response.headers["Server"] = SERVER
-        if request.app[DRAINING].is_set():
-            response.force_close()
+    """A stopping process closes each connection after its response (``Server: Linger``
+    is set on every response as it is prepared: ``observe.echo_request_id``)."""
+    if not response.prepared and request.app[DRAINING].is_set():
+        response.force_close()
     return response
 
 
