@@ -15,10 +15,11 @@ from contextlib import suppress
 from aiohttp import web
 
 from linger import __version__, errors
+from linger.auth import cache
 from linger.auth.cache import Authenticator
 from linger.config import Settings
 from linger.http import server
-from linger.http.access import GUARD, access_middleware
+from linger.http.access import GUARD, TRUSTED_PROXIES, access_middleware, networks
 from linger.http.budget import BUDGET_BATCHES, Budget
 from linger.http.keys import (
     BATCH_BUDGET,
@@ -89,8 +90,11 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 metrics.listener_connected = listener.connected
                 tasks.append(asyncio.create_task(listener.run()))
             if settings.auth:
-                guard = app[GUARD] = Authenticator(storage.tokens.lookup, storage.now)
+                guard = app[GUARD] = Authenticator(
+                    storage.tokens.lookup, storage.now, fresh_for=cache.FRESH_FOR
+                )
                 tasks.append(asyncio.create_task(_note_use(guard, storage)))
+                tasks.append(asyncio.create_task(guard.run()))
             logger.info(
                 "Linger %s on http://%s:%d, database %s",
                 __version__,
@@ -115,8 +119,10 @@ async def _noted(guard: Authenticator, storage: Storage) -> None:
     path)."""
     try:
         await storage.tokens.mark_used(guard.take_used().items())
-    except errors.Unavailable as error:
+    except errors.LingerError as error:
         logger.warning("token use not recorded: %s", error)
+    except Exception:  # the next minute tries again: this task must not end
+        logger.exception("token use not recorded")
 
 
 async def _note_use(guard: Authenticator, storage: Storage) -> None:
@@ -137,6 +143,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     app[SETTINGS] = settings
     app[BATCH_BUDGET] = Budget(BUDGET_BATCHES * settings.max_batch_bytes)
     app[STARTED] = time.time()
+    app[TRUSTED_PROXIES] = networks(settings.trusted_proxies)
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))
     app.on_shutdown.append(_wake_waiters)

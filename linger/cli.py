@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -50,6 +51,17 @@ def _boolean(text: str) -> bool:
 
 
 _boolean.__name__ = "boolean"
+
+
+def _networks(text: str) -> str:
+    value = str(text).strip()
+    for part in value.split(","):
+        if part.strip():
+            ipaddress.ip_network(part.strip(), strict=False)
+    return value
+
+
+_networks.__name__ = "comma-separated addresses or networks"
 
 
 def _choice(*choices: str) -> Callable[[str], str]:
@@ -156,6 +168,13 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         _boolean,
         _DEFAULTS.auth,
         "require a bearer token (see `linger token`) on every route but /health and /ready",
+    ),
+    (
+        "trusted-proxies",
+        _networks,
+        _DEFAULTS.trusted_proxies,
+        "addresses or networks of the proxies in front, whose X-Forwarded-For names the "
+        "client (for --auth's failure budget and log lines)",
     ),
     ("access-log", _boolean, _DEFAULTS.access_log, "log every request"),
     (
@@ -283,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         from linger import tokencli
 
         tokencli.main(argv[1:])
+        return
+    if argv[:1] in (["send"], ["recv"], ["peek"], ["stats"], ["redrive"], ["drain"]):
+        from linger.client import cli as client_cli
+
+        client_cli.main(argv)
         return
     settings = parse_settings(argv)
     logs.configure(settings.log_level, settings.log_format)

@@ -39,6 +39,9 @@ class Settings:
     max_batch_bytes: int = 16 * 1024 * 1024
     # Bearer tokens from the database on every route but /health and /ready.
     auth: bool = False
+    # Peers whose X-Forwarded-For is believed (who the client is, for --auth's budget of
+    # failures and its log lines): comma-separated addresses or networks.
+    trusted_proxies: str = "127.0.0.1,::1"
 
     @property
     def in_memory(self) -> bool:

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ from linger.store import db, tokens
 
 _DAY_MS = 86_400_000
 _MAX_DAYS = 36_500
+_MIN_DAYS = 1 / 1440  # a minute
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,12 +34,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _days(text: str) -> float:
     value = float(text)
-    if not 0 < value <= _MAX_DAYS:
+    if not _MIN_DAYS <= value <= _MAX_DAYS:
         raise ValueError(text)
     return value
 
 
-_days.__name__ = f"number of days above 0, at most {_MAX_DAYS}"
+_days.__name__ = f"number of days from {_MIN_DAYS:.6f} (a minute) to {_MAX_DAYS}"
+
+
+def _token_id(text: str) -> int:
+    value = int(text)
+    if not 1 <= value < 2**63:
+        raise ValueError(text)
+    return value
+
+
+_token_id.__name__ = "token id"
 
 
 def _scope(text: str) -> str:
@@ -80,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", parents=[database], help="every token (no secrets)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     revoke = commands.add_parser("revoke", parents=[database], help="revoke a token for good")
-    revoke.add_argument("id", type=int, help="the token's id (see list)")
+    revoke.add_argument("id", type=_token_id, help="the token's id (see list)")
     return parser
 
 
@@ -92,6 +104,11 @@ def _database(args: argparse.Namespace) -> str:
             "linger token: no database configured: give the server's --dbfile or --db "
             "(or LINGER_DBFILE / LINGER_DB)"
         )
+    url = sa.make_url(settings.db)
+    if url.get_backend_name() == "sqlite" and not Path(str(url.database)).is_file():
+        # A mistyped path must not quietly make a database that no server reads.
+        where = f"no database at {url.database}"
+        sys.exit(f"linger token: {where} (the server makes it when it first starts)")
     return settings.db
 
 

@@ -2,7 +2,9 @@
 
 A token found is trusted for ``FRESH_FOR`` seconds, then looked up again: a revoked token
 stops working in every process within that time (the database is the only truth, and no
-process has to be told). Its expiry is checked on every request. A secret that matched no
+process has to be told). Its expiry is checked on every request. The tokens of requests
+that wait (long-polls) are looked up again as they go stale, and such a request stops
+claiming once its token no longer holds. A secret that matched no
 token is remembered as unknown for as long. Concurrent requests with the same uncached
 secret share one lookup.
 
@@ -17,12 +19,15 @@ when its entry is stale).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
+from linger import errors
 from linger.auth.scopes import Grant
 from linger.auth.tokens import Token, digest, well_formed
 
@@ -52,6 +57,7 @@ class Verdict:
     token: Token | None = None
     reason: str = ""
     logged: bool = True
+    key: bytes = b""  # the secret's digest
 
 
 @dataclass(slots=True)
@@ -94,6 +100,7 @@ class Authenticator:
         self._pending: dict[bytes, asyncio.Future[Token | None]] = {}
         self._clients: OrderedDict[str, _Bucket] = OrderedDict()
         self._used: dict[int, int] = {}
+        self._held: Counter[bytes] = Counter()
         self.lookups = 0
 
     async def verdict(self, secret: str | None, client: str) -> Verdict:
@@ -122,7 +129,38 @@ class Authenticator:
         if token.expires_at is not None and now_ms >= token.expires_at:
             return self._failed(client, "expired token", token)
         self._used[token.id] = now_ms
-        return Verdict(grant, token)
+        return Verdict(grant, token, key=key)
+
+    @contextlib.contextmanager
+    def holding(self, key: bytes) -> Iterator[Callable[[], bool]]:
+        """While a request waits (a long-poll), keep its token's entry fresh (``run``
+        looks it up again as it goes stale) and give a check of whether it still
+        holds: a long-poll whose token was revoked or expired meanwhile claims nothing."""
+        self._held[key] += 1
+        try:
+            yield partial(self._holds, key)
+        finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
+
+    def _holds(self, key: bytes) -> bool:
+        entry = self._known.get(key)
+        return entry is not None and entry.token.valid_at(self._now_ms())
+
+    async def run(self) -> None:
+        """Keep the entries of the tokens that waiting requests hold fresh."""
+        while True:
+            await asyncio.sleep(self._fresh_for / 2)
+            now = self._monotonic()
+            for key in list(self._held):
+                entry = self._known.get(key)
+                if entry is None or now - entry.fetched >= self._fresh_for / 2:
+                    try:
+                        if await self._fetch(key) is None:  # gone from the database
+                            self._known.pop(key, None)
+                    except errors.Unavailable:
+                        break  # the last verdicts stand until the database answers
 
     def take_used(self) -> dict[int, int]:
         """When each token was last used since the previous call (for ``last_used_at``)."""

@@ -14,11 +14,14 @@ channel, in the statement that acts on it): ``Patterns`` gives both renditions.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 ACTIONS = ("produce", "consume", "manage", "read", "admin")
 ADMIN = "admin"
+# What listings show: the names a token may do one of these with.
+LISTED = ("read", "consume", "produce")
 EVERY_NAME = "*"
 PATTERN_LENGTH = 250
 
@@ -37,12 +40,15 @@ def parse(text: str) -> tuple[str, str]:
         raise InvalidScope(f"scope {text!r}: unknown action {action!r} (one of {known})")
     if not 1 <= len(pattern) <= PATTERN_LENGTH:
         raise InvalidScope(f"scope {text!r}: a pattern has 1 to {PATTERN_LENGTH} characters")
-    if any(unicodedata.category(char) == "Cc" for char in pattern):
-        raise InvalidScope(f"scope {text!r}: the pattern has a control character")
+    if any(unicodedata.category(char) in ("Cc", "Cs") for char in pattern):
+        raise InvalidScope(f"scope {text!r}: the pattern has a control or undecodable character")
+    if pattern != pattern.strip():
+        # Names may start or end with a space; a scope that does is a typo far more often.
+        raise InvalidScope(f"scope {text!r}: the pattern starts or ends with a space")
     return action, pattern
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Patterns:
     """The patterns one action is allowed on (admin's included)."""
 
@@ -57,7 +63,11 @@ class Patterns:
         return not self.globs
 
     def allows(self, name: str) -> bool:
-        return self.everything or any(matches(glob, name) for glob in self.globs)
+        return self.everything or any(match(name) for match in self._matchers)
+
+    @cached_property
+    def _matchers(self) -> tuple[Callable[[str], bool], ...]:
+        return tuple(matcher(glob) for glob in self.globs)
 
     def like(self) -> list[str]:
         """The globs as LIKE patterns (backslash escapes ``%``, ``_`` and itself)."""
@@ -73,7 +83,7 @@ class Patterns:
 class Grant:
     """What a token's scopes allow, by action."""
 
-    __slots__ = ("_by_action", "scopes")
+    __slots__ = ("__dict__", "_by_action", "scopes")
 
     def __init__(self, scopes: Iterable[str]) -> None:
         self.scopes = tuple(scopes)
@@ -94,8 +104,30 @@ class Grant:
         return self._by_action[action].everything
 
     def lists(self, name: str) -> bool:
-        """Whether a listing shows ``name``: the token may act on it somehow."""
-        return any(patterns.allows(name) for patterns in self._by_action.values())
+        """Whether a listing shows ``name``: the token may read, consume or produce it."""
+        return self._listed.allows(name)
+
+    @property
+    def lists_everything(self) -> bool:
+        return self._listed.everything
+
+    @cached_property
+    def _listed(self) -> Patterns:
+        globs = [g for action in LISTED for g in self._by_action[action].globs]
+        return Patterns(_simplest(globs))
+
+
+def matcher(glob: str) -> Callable[[str], bool]:
+    """``matches`` for one glob, with the common shapes as string methods: no star, one
+    at the end (``orders.*``), at the start (``*.dead``), or both."""
+    stars = glob.count("*")
+    if stars == 0:
+        return glob.__eq__
+    head, _star, tail = glob.partition("*")
+    if stars == 1:
+        least = len(head) + len(tail)
+        return lambda name: len(name) >= least and name.startswith(head) and name.endswith(tail)
+    return lambda name: matches(glob, name)
 
 
 def matches(glob: str, name: str) -> bool:

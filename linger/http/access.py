@@ -14,25 +14,31 @@ channel its sender could not add to.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 
 from linger import errors
-from linger.auth.cache import Authenticator
+from linger.auth.cache import Authenticator, Verdict
 from linger.auth.scopes import Grant, Patterns
 from linger.http import params
-from linger.http.observe import client_address
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GUARD = web.AppKey("guard", Authenticator)
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
 GRANT = web.RequestKey("grant", Grant)
-OPEN = frozenset({"health", "ready"})
+VERDICT = web.RequestKey("verdict", Verdict)
+# Open to anyone, whatever the method (a HEAD is 405, not 401).
+OPEN_PATHS = frozenset({"/health", "/ready"})
+# Names a listing filters on the event loop; more are filtered in a thread.
+_LISTED_ON_LOOP = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,42 +105,69 @@ def bearer(request: web.Request) -> str | None:
     return secret if scheme.lower() == "bearer" and secret else None
 
 
-def failure_key(request: web.Request) -> str:
-    """Whose failure budget a request spends: its peer, unless the peer is a proxy on
-    loopback or a private network, whose own entry (the last of ``X-Forwarded-For``)
-    names the client. The first entry is what the client claims, and free to vary."""
-    peer = request.remote or "-"
-    forwarded = request.headers.get("X-Forwarded-For")
-    if forwarded and _is_proxy(peer):
-        return forwarded.rsplit(",", 1)[-1].strip() or peer
-    return peer
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
 
 
-def _is_proxy(peer: str) -> bool:
+def networks(text: str) -> Networks:
+    """The networks of ``--trusted-proxies``."""
+    return tuple(
+        ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip()
+    )
+
+
+def client(request: web.Request, trusted: Networks) -> str:
+    """Who sent a request: its peer, unless the peer is a trusted proxy, in which case
+    the hop before it in ``X-Forwarded-For`` (every line of it, read from the right),
+    and so on past every trusted proxy. Entries left of the first untrusted hop are what
+    a client claims, and free to vary: they never count."""
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", ()) for h in v.split(",")]
+    current = request.remote or "-"
+    while hops and _trusted(current, trusted):
+        try:
+            current = str(ipaddress.ip_address(hops.pop()))
+        except ValueError:
+            break  # not an address: the trusted proxy's own peer is as far as it goes
+    return current
+
+
+def budget_key(address: str) -> str:
+    """The failure budget an address spends: an IPv6 client has a /64 to itself."""
     try:
-        address = ipaddress.ip_address(peer)
+        parsed = ipaddress.ip_address(address)
     except ValueError:
-        return peer == "-"  # a Unix socket, or a test transport
-    return address.is_loopback or address.is_private
+        return address[:64]
+    if parsed.version == 6 and parsed.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
+def _trusted(hop: str, trusted: Networks) -> bool:
+    try:
+        address = ipaddress.ip_address(hop)
+    except ValueError:
+        return hop == "-"  # a Unix socket, or a test transport: the proxy is local
+    return any(address in network for network in trusted)
 
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With ``--auth``, a request goes on only with a token whose scopes cover it."""
     guard = request.app.get(GUARD)
-    route = request.match_info.route.name
-    if guard is None or route in OPEN:
+    if guard is None or request.path in OPEN_PATHS:
         return await handler(request)
-    verdict = await guard.verdict(bearer(request), failure_key(request))
+    route = request.match_info.route.name
+    sender = client(request, request.app[TRUSTED_PROXIES])
+    verdict = await guard.verdict(bearer(request), budget_key(sender))
     if verdict.grant is None:
         if verdict.logged:
             logger.info(
                 "authentication failed: %s%s, client %s",
                 verdict.reason,
                 f" (token {verdict.token.id})" if verdict.token else "",
-                client_address(request),
+                sender,
             )
         raise errors.Unauthenticated()
+    request[VERDICT] = verdict
     grant = request[GRANT] = verdict.grant
     rule = RULES.get(route or "")
     if rule is not None and rule.action is not None:
@@ -152,7 +185,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
                 verdict.token.id,
                 request.method,
                 request.rel_url.raw_path,
-                client_address(request),
+                sender,
             )
             raise errors.NotAllowed()
     return await handler(request)
@@ -174,7 +207,31 @@ def require(request: web.Request, action: str, names: Iterable[str | None]) -> N
         raise errors.NotAllowed()
 
 
-def listed(request: web.Request, names: list[str]) -> list[str]:
-    """The names of a listing that this request's token may act on."""
+@contextlib.contextmanager
+def lasting(request: web.Request, alive: Callable[[], bool]) -> Iterator[Callable[[], bool]]:
+    """``alive`` (the client is still there) and, with ``--auth``, the request's token
+    still valid: a long-poll that outlives its token's revocation or expiry claims
+    nothing."""
+    guard = request.app.get(GUARD)
+    verdict: Verdict | None = request.get(VERDICT)
+    if guard is None or verdict is None:
+        yield alive
+        return
+    with guard.holding(verdict.key) as holds:
+        yield lambda: alive() and holds()
+
+
+async def listed(request: web.Request, names: list[str]) -> list[str]:
+    """The names of a listing (or of a response) that this request's token may read,
+    consume or produce; a long list is filtered off the event loop."""
     grant: Grant | None = request.get(GRANT)
-    return names if grant is None else [name for name in names if grant.lists(name)]
+    if grant is None or grant.lists_everything:
+        return names
+    if len(names) <= _LISTED_ON_LOOP:
+        return [name for name in names if grant.lists(name)]
+    return await asyncio.to_thread(lambda: [name for name in names if grant.lists(name)])
+
+
+async def shown(request: web.Request, ids: dict[str, int]) -> dict[str, int]:
+    """A publish's ids of each channel's copy, for the channels the token may see."""
+    return {name: ids[name] for name in await listed(request, list(ids))}

@@ -45,7 +45,8 @@ async def publish_messages(request: web.Request) -> web.Response:
         read = items.read_batch(reader, request, settings, {}, None)
         batch = await bodies.within_deadline(request, read)
         published = await broker_of(request).publish_many(topic, batch)
-    return web.json_response({"messages": published}, status=202)
+    shown = [await access.shown(request, ids) for ids in published]
+    return web.json_response({"messages": shown}, status=202)
 
 
 async def get_messages(request: web.Request) -> web.StreamResponse:
@@ -55,9 +56,8 @@ async def get_messages(request: web.Request) -> web.StreamResponse:
     n = params.batch_size(request, settings.max_batch)
     broker = broker_of(request)
     budget = (settings.max_batch_bytes, settings.max_size)
-    delivered = await broker.receive(
-        channel, n, wait=wait, alive=server.connected(request), budget=budget
-    )
+    with access.lasting(request, server.connected(request)) as alive:
+        delivered = await broker.receive(channel, n, wait=wait, alive=alive, budget=budget)
     return await messages_response(request, delivered, broker.storage.now())
 
 

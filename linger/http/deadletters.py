@@ -20,5 +20,7 @@ async def redrive(request: web.Request) -> web.Response:
     limit = None
     if "n" in request.query:
         limit = params.bounded(request.query["n"], 0, 1, params.INT64_MAX, "Invalid batch size.")
-    moved = await broker_of(request).redrive(channel, to, limit)
+    # Back to their origins: only the dead letters whose origin the token may produce to.
+    scope = access.scope(request, "produce") if to is None else None
+    moved = await broker_of(request).redrive(channel, to, limit, scope)
     return web.json_response({"moved": moved})

@@ -14,7 +14,7 @@ from linger.store.messages import STATES
 
 async def list_channels(request: web.Request) -> web.Response:
     channels = await broker_of(request).storage.overview.list_channels()
-    return web.json_response({"channels": access.listed(request, channels)})
+    return web.json_response({"channels": await access.listed(request, channels)})
 
 
 async def post_message(request: web.Request) -> web.Response:
@@ -31,7 +31,8 @@ async def get_message(request: web.Request) -> web.Response:
     channel = params.channel(request)
     wait = params.wait(request, request.app[SETTINGS].poll_max)
     broker = broker_of(request)
-    message = await broker.get(channel, wait=wait, alive=server.connected(request))
+    with access.lasting(request, server.connected(request)) as alive:
+        message = await broker.get(channel, wait=wait, alive=alive)
     if message is None:
         return web.Response(status=204, headers={"x-linger-channel": header_value(channel)})
     return message_response(message, broker.storage.now())
@@ -55,7 +56,7 @@ async def get_channel_stats(request: web.Request) -> web.Response:
                 "hidden": detail.hidden,
                 "delayed": detail.delayed,
                 "oldest_ready_age": detail.oldest_ready_age,
-                "dead_from": detail.dead_from,
+                "dead_from": await access.listed(request, detail.dead_from),
             }
         )
     ready, hidden = await messages.channel_stats(channel)

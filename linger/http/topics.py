@@ -10,7 +10,7 @@ from linger.http.keys import broker_of
 
 async def get_channel_topics(request: web.Request) -> web.Response:
     topics = await broker_of(request).storage.topics.channel_topics(params.channel(request))
-    return web.json_response({"topics": topics})
+    return web.json_response({"topics": await access.listed(request, topics)})
 
 
 async def put_subscription(request: web.Request) -> web.Response:
@@ -32,7 +32,7 @@ async def delete_subscription(request: web.Request) -> web.Response:
 
 async def list_topics(request: web.Request) -> web.Response:
     topics = await broker_of(request).storage.topics.list_topics()
-    return web.json_response({"topics": access.listed(request, topics)})
+    return web.json_response({"topics": await access.listed(request, topics)})
 
 
 async def post_topic_message(request: web.Request) -> web.Response:
@@ -40,9 +40,9 @@ async def post_topic_message(request: web.Request) -> web.Response:
     body = await bodies.message_body(request)
     bodies.require_content(body)
     ids = await broker_of(request).publish(topic, body.data, body.content_type)
-    return web.json_response(ids, status=202)
+    return web.json_response(await access.shown(request, ids), status=202)
 
 
 async def get_topic_channels(request: web.Request) -> web.Response:
     channels = await broker_of(request).storage.topics.topic_channels(params.topic(request, 2))
-    return web.json_response({"channels": channels})
+    return web.json_response({"channels": await access.listed(request, channels)})

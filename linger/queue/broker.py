@@ -289,9 +289,12 @@ class Broker:
         for channel, count in ready.items():
             self.notifier.notify(channel, count)
 
-    async def redrive(self, channel: str, to: str | None, limit: int | None) -> int:
-        """Send dead letters of ``channel`` back; wake consumers where they went."""
-        moved = await self.storage.dead_letters.redrive(channel, to, limit)
+    async def redrive(
+        self, channel: str, to: str | None, limit: int | None, scope: Patterns | None = None
+    ) -> int:
+        """Send dead letters of ``channel`` back (with ``scope``: those whose origin it
+        covers); wake consumers where they went."""
+        moved = await self.storage.dead_letters.redrive(channel, to, limit, scope)
         self._wake(Counter(moved))
         total = sum(moved.values())
         self.counters["msg-redriven"] += total

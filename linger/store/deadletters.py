@@ -10,10 +10,21 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from linger.auth.scopes import Patterns
 from linger.store.db import messages
 from linger.store.driver import Driver, Operation
 from linger.store.ledger import Tally
-from linger.store.sql import BATCH, READY, announced, first_ready, ids_in, ms_sql, param
+from linger.store.sql import (
+    BATCH,
+    READY,
+    announced,
+    first_ready,
+    ids_in,
+    ms_sql,
+    param,
+    patterns,
+    permitted,
+)
 
 m = messages
 
@@ -35,13 +46,15 @@ def moved_values(reason: str) -> dict[str, Any]:
     }
 
 
-def _redrive_stmt(postgres: bool) -> sa.ClauseElement:
+def _redrive_stmt(postgres: bool, *, scoped: bool = False) -> sa.ClauseElement:
     """Send up to :n ready dead letters of :channel, in delivery order, back to :to (or
-    each one's origin) with their own options again and no deliveries."""
+    each one's origin) with their own options again and no deliveries; ``scoped``: only
+    those whose origin matches the scope patterns (:patterns)."""
     now = param("now")
-    chosen = first_ready(
-        param("channel", sa.String), now, param("n"), where=m.c.dead_from.is_not(None)
-    )
+    dead: sa.ColumnElement[bool] = m.c.dead_from.is_not(None)
+    if scoped:
+        dead = sa.and_(dead, permitted(postgres=postgres, column="dead_from"))
+    chosen = first_ready(param("channel", sa.String), now, param("n"), where=dead)
     linger = sa.func.coalesce(m.c.origin_linger, 0)
     values = {
         "channel": sa.func.coalesce(param("to", sa.String), m.c.dead_from),
@@ -67,14 +80,19 @@ class DeadLetters:
 
     def __init__(self, driver: Driver[Tally], now: Callable[[], int], origin: str) -> None:
         self._driver = driver
+        self._postgres = driver.postgres
         self.now = now
         self.origin = origin
         self._redrive = driver.prepare(_redrive_stmt(driver.postgres))
+        self._redrive_scoped = driver.prepare(_redrive_stmt(driver.postgres, scoped=True))
 
-    async def redrive(self, channel: str, to: str | None, limit: int | None) -> dict[str, int]:
+    async def redrive(
+        self, channel: str, to: str | None, limit: int | None, scope: Patterns | None = None
+    ) -> dict[str, int]:
         """Move up to ``limit`` (None: all) ready dead letters of ``channel`` back, in
         batches of at most ``BATCH`` (each one transaction); return how many went to
-        each channel."""
+        each channel. With ``scope`` (and no ``to``), only those whose origin it covers:
+        the others stay."""
         moved: dict[str, int] = {}
         remaining = limit
         while remaining is None or remaining > 0:
@@ -85,6 +103,7 @@ class DeadLetters:
                 "n": n,
                 "now": self.now(),
                 "origin": self.origin,
+                **({} if scope is None else {"patterns": patterns(scope, postgres=self._postgres)}),
             }
             batch = await self._driver.write(partial(self._redrive_operation, params), alone=True)
             for target, count in batch.items():
@@ -99,7 +118,7 @@ class DeadLetters:
     def _redrive_operation(
         self, params: dict[str, Any], ledger: Tally
     ) -> Operation[dict[str, int]]:
-        rows = yield self._redrive, params
+        rows = yield (self._redrive if "patterns" not in params else self._redrive_scoped), params
         moved: dict[str, int] = {}
         for row in rows:
             ledger.moved(params["channel"], row[0])

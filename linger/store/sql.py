@@ -237,11 +237,13 @@ def given_ids(*, postgres: bool, table: sa.FromClause = m) -> sa.ColumnElement[b
     return table.c.id.in_(sa.select(ids.c.value))
 
 
-def permitted(*, postgres: bool, table: sa.FromClause = m) -> sa.ColumnElement[bool]:
-    """The message's channel matches one of the scope patterns bound as :patterns (see
-    ``patterns``): ``LIKE ANY`` of an array on PostgreSQL, ``GLOB`` over a JSON array on
-    SQLite (both case-sensitive)."""
-    channel = table.c.channel
+def permitted(
+    *, postgres: bool, table: sa.FromClause = m, column: str = "channel"
+) -> sa.ColumnElement[bool]:
+    """The message's channel (or ``column``) matches one of the scope patterns bound as
+    :patterns (see ``patterns``): ``LIKE ANY`` of an array on PostgreSQL, ``GLOB`` over a
+    JSON array on SQLite (both case-sensitive)."""
+    channel = table.c[column]
     if postgres:
         return channel.like(sa.any_(param("patterns", postgresql.ARRAY(sa.Text))))
     globs = sa.func.json_each(param("patterns", sa.String)).table_valued("value")
