@@ -731,7 +731,13 @@ async def test_a_long_poll_ends_when_its_token_is_revoked(
     await until(lambda: _waiters(guarded, admin, 1))
     async with connection(guarded) as conn:
         await tokens.revoke(conn, token.id, int(time.time() * 1000))
-    await asyncio.sleep(0.5)  # the refreshed entry says revoked
+    guard = guarded.app[GUARD]
+
+    async def seen() -> bool:  # the entry the waiter keeps fresh says revoked
+        cached = guard.cached(digest(secret))
+        return cached is not None and cached.revoked_at is not None
+
+    await until(seen)
     added = await guarded.post("/channels/jobs", data=b"x", headers=bearer(admin))
     assert added.status == 202
     assert (await waiting).status == 204

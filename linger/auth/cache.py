@@ -144,6 +144,11 @@ class Authenticator:
             if not self._held[key]:
                 del self._held[key]
 
+    def cached(self, key: bytes) -> Token | None:
+        """The token cached for digest ``key`` as last looked up (nothing is refreshed)."""
+        entry = self._known.get(key)
+        return None if entry is None else entry.token
+
     def _holds(self, key: bytes) -> bool:
         entry = self._known.get(key)
         return entry is not None and entry.token.valid_at(self._now_ms())
