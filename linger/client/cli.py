@@ -87,8 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lines", action="store_true", help="each line is a message, sent in batches"
     )
     send.add_argument("--batch", type=_positive, default=BATCH, help=f"lines per request ({BATCH})")
-    send.add_argument("--content-type", help="default: text/plain (bytes: octet-stream)")
-    send.add_argument("--retry", action="store_true", help="retry on 503 (may duplicate)")
+    send.add_argument(
+        "--content-type",
+        help="default: text/plain; charset=utf-8 (application/octet-stream when not UTF-8)",
+    )
+    send.add_argument(
+        "--retry",
+        action="store_true",
+        help="try again on 503 and broken connections (a message may then be stored twice)",
+    )
     _options(send)
     recv = commands.add_parser("recv", parents=[common], help="receive messages, print them")
     recv.add_argument("channel")
@@ -142,12 +149,8 @@ def _lines(source: IO[bytes]) -> Iterator[bytes | str]:
     """The non-empty lines of ``source``, without their line ends: text when UTF-8."""
     for raw in source:
         line = raw.rstrip(b"\r\n")
-        if not line:
-            continue
-        try:
-            yield line.decode("utf-8")
-        except UnicodeDecodeError:
-            yield line
+        if line:
+            yield _text_or_bytes(line)
 
 
 def _line_count(source: IO[bytes]) -> int | None:
@@ -157,6 +160,14 @@ def _line_count(source: IO[bytes]) -> int | None:
     count = sum(chunk.count(b"\n") for chunk in iter(lambda: source.read(1 << 20), b""))
     source.seek(0)
     return count
+
+
+def _text_or_bytes(data: bytes) -> bytes | str:
+    """Text when it is UTF-8 (sent as text/plain), else the bytes (octet-stream)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data
 
 
 def _chunks(items: Iterator[bytes | str], size: int) -> Iterator[list[bytes | str]]:
@@ -178,7 +189,7 @@ async def _send(client: AsyncClient, args: argparse.Namespace) -> int:
     source = _source(args)
     try:
         if not args.lines:
-            body: bytes | str = args.message if args.message not in (None, "-") else source.read()
+            body = _text_or_bytes(source.read())
             kind = args.content_type
             print(await client.add(args.channel, body, content_type=kind, retry=args.retry,
                                    **options))  # fmt: skip

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from linger.client import errors
+from linger.client.leases import Held, Holdings
 from linger.client.messages import Message
 
 if TYPE_CHECKING:
@@ -48,21 +49,6 @@ class Counters:
     failed: int = 0
     rejected: int = 0
     lost: int = 0
-
-
-@dataclass(eq=False)
-class _Held:
-    """A delivery this loop holds: when its lease is next extended (loop time), and
-    whether the server said it is no longer this loop's."""
-
-    message: Message
-    due: float
-    lost: bool = False
-
-    @property
-    def lease(self) -> str:
-        assert self.message.lease is not None
-        return self.message.lease
 
 
 class Consumer:
@@ -108,13 +94,11 @@ class Consumer:
         self.signals = signals
         self.counters = Counters()
         self._chunk = min(_MOST_PER_REQUEST, max(batch, concurrency))
-        self._held: dict[str, _Held] = {}  # by lease
-        self._leases: dict[int, str] = {}  # each held message's latest lease, by id
-        self._queue: asyncio.Queue[_Held | None] = asyncio.Queue()
-        self._acks: asyncio.Queue[_Held | None] = asyncio.Queue()
+        self._holdings = Holdings(client, self._chunk)
+        self._queue: asyncio.Queue[Held | None] = asyncio.Queue()
+        self._acks: asyncio.Queue[Held | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
         self._room = asyncio.Event()  # set when room for prefetching may have opened
-        self._changed = asyncio.Event()  # set when the keeper has new leases to look at
         self._unstarted = 0  # messages received and not started, and receives in flight
         self._stop_asked = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,7 +136,7 @@ class Consumer:
         if self._stop_asked:
             self._begin_stop()
         with self._signal_handlers():
-            keeper = asyncio.create_task(self._keep())
+            keeper = asyncio.create_task(self._holdings.keep())
             acker = asyncio.create_task(self._acknowledge())
             workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
             count = max(1, self.concurrency // self.batch)
@@ -198,7 +182,7 @@ class Consumer:
         for task in pending:
             task.cancel()
         await asyncio.gather(*fetchers, return_exceptions=True)
-        unstarted: list[_Held] = []
+        unstarted: list[Held] = []
         while not self._queue.empty():
             held = self._queue.get_nowait()
             if held is not None:
@@ -249,26 +233,16 @@ class Consumer:
         return await self.client.receive_many(self.channel, self.batch, wait=self.wait)
 
     def _hold(self, received: list[Message]) -> None:
-        now = asyncio.get_running_loop().time()
         for message in received:
-            if message.lease is None:
-                continue
-            held = _Held(message, now + message.timeout / 2)
-            earlier = self._held.get(self._leases.get(message.id, ""))
-            if earlier is not None:  # delivered to this loop again: the earlier lease is stale
-                earlier.lost = True
-            self._held[held.lease] = held
-            self._leases[message.id] = held.lease
-            self._unstarted += 1
-            self._queue.put_nowait(held)
-        if received:
-            self._changed.set()
+            if message.lease is not None:
+                self._unstarted += 1
+                self._queue.put_nowait(self._holdings.hold(message))
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _release_unstarted(self, unstarted: list[_Held]) -> None:
+    async def _release_unstarted(self, unstarted: list[Held]) -> None:
         for start in range(0, len(unstarted), self._chunk):
             chunk = unstarted[start : start + self._chunk]
             try:
@@ -278,7 +252,7 @@ class Consumer:
                 continue
             finally:
                 for held in chunk:
-                    self._forget(held)
+                    self._holdings.forget(held)
             released = set(outcome.done)
             for held in chunk:
                 if held.message.id not in released:
@@ -294,12 +268,12 @@ class Consumer:
             self._unstarted -= 1
             self._room.set()
             if held.lost:
-                self._forget(held)
+                self._holdings.forget(held)
                 self._lose(held, "before it was started")
                 continue
             await self._handle(held)
 
-    async def _handle(self, held: _Held) -> None:
+    async def _handle(self, held: Held) -> None:
         message = held.message
         timer = asyncio.timeout(self.handler_timeout)
         try:
@@ -334,7 +308,7 @@ class Consumer:
         seconds = self.retry_delay * 2.0 ** max(0, message.delivered - 1)
         return math.ceil(min(self.max_retry_delay, seconds))
 
-    async def _settle(self, held: _Held, verb: str, delay: int | None = None) -> None:
+    async def _settle(self, held: Held, verb: str, delay: int | None = None) -> None:
         try:
             if verb == "reject":
                 await self.client.reject(held.message)
@@ -351,14 +325,9 @@ class Consumer:
             else:
                 self.counters.failed += 1
         finally:
-            self._forget(held)
+            self._holdings.forget(held)
 
-    def _forget(self, held: _Held) -> None:
-        self._held.pop(held.lease, None)
-        if self._leases.get(held.message.id) == held.lease:
-            del self._leases[held.message.id]
-
-    def _lose(self, held: _Held, reason: str) -> None:
+    def _lose(self, held: Held, reason: str) -> None:
         logger.warning(
             "message %d: lease lost (%s): not acknowledged", held.message.id, reason.strip(".")
         )
@@ -368,7 +337,7 @@ class Consumer:
 
     async def _acknowledge(self) -> None:
         closing = False
-        carried: list[_Held] = []
+        carried: list[Held] = []
         while not closing or carried:
             batch, carried = carried, []
             if not batch:
@@ -390,7 +359,7 @@ class Consumer:
                 ids.add(held.message.id)
             await self._delete(batch)
 
-    async def _delete(self, batch: list[_Held]) -> None:
+    async def _delete(self, batch: list[Held]) -> None:
         try:
             outcome = await self.client.delete_many([held.message for held in batch])
         except errors.LingerError as error:
@@ -399,7 +368,7 @@ class Consumer:
             return
         finally:
             for held in batch:
-                self._forget(held)
+                self._holdings.forget(held)
         done = set(outcome.done)
         stale = set(outcome.stale)
         for held in batch:
@@ -407,43 +376,3 @@ class Consumer:
                 self.counters.processed += 1
             else:
                 self._lose(held, "Lease is stale." if held.lease in stale else "it is gone")
-
-    async def _keep(self) -> None:
-        """Extend every held lease at half its visibility timeout; those due within a
-        quarter of theirs go in the same request."""
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            live = [h for h in self._held.values() if not h.lost]
-            if any(h.due <= now for h in live):
-                due = [h for h in live if h.due - h.message.timeout / 4 <= now]
-                for start in range(0, len(due), self._chunk):
-                    await self._extend(due[start : start + self._chunk])
-            upcoming = [h.due for h in self._held.values() if not h.lost]
-            sleep = max(0.01, min(upcoming, default=now + 1.0) - loop.time())
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), sleep)
-
-    async def _extend(self, due: list[_Held]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            outcome = await self.client.touch_many([held.message for held in due])
-        except errors.LingerError as error:
-            logger.warning("extending %d leases: %s", len(due), error)
-            for held in due:
-                held.due = loop.time() + 0.5
-            return
-        done = set(outcome.done)
-        now = loop.time()
-        for held in due:
-            if held.lease not in self._held:
-                continue  # acknowledged meanwhile
-            if held.message.id in done:
-                held.due = now + held.message.timeout / 2
-            else:
-                held.lost = True
-                logger.warning(
-                    "message %d: its lease could not be extended (someone else may have it)",
-                    held.message.id,
-                )
