@@ -19,7 +19,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import scenarios
+from bench import scenarios, worker
 from bench.observe import observe
 from bench.scenarios import QUICK, Failed, Run, Size
 from bench.servers import Server, free_port, linger_command, postgres_cluster, raise_open_files
@@ -37,6 +37,8 @@ SCENARIOS: dict[str, tuple[Figure, str]] = {
     "batch-produce": (scenarios.batch_produce, "msg/s"),
     "pubsub-4": (lambda server, size: scenarios.pubsub(server, size, 4), "deliveries/s"),
     "pubsub-100": (lambda server, size: scenarios.pubsub(server, size, 100), "deliveries/s"),
+    "worker-1": (lambda server, size: worker.worker(server, size, 1), "msg/s"),
+    "worker-100": (lambda server, size: worker.worker(server, size, 100), "msg/s"),
 }
 
 
@@ -141,7 +143,7 @@ def generator_ceiling(seconds: float) -> str:
 # operation, so filling it with the depth scenario's 110,000 messages takes minutes.
 SLOW_ON_ORIGINAL = frozenset({"depth", "inflight"})
 # Routes that Linger 1.0.1 does not have.
-NOT_IN_ORIGINAL = frozenset({"batch", "batch-produce"})
+NOT_IN_ORIGINAL = frozenset({"batch", "batch-produce", "worker-1", "worker-100"})
 
 
 def ratio(value: float, original: float | None) -> str:
