@@ -289,7 +289,11 @@ async def test_a_dead_channel_or_redrive_target_needs_produce_on_it(guarded: Cli
     assert ok.status == 202
 
 
-async def test_expired_and_revoked_tokens_stop_working(guarded: Client) -> None:
+async def test_expired_and_revoked_tokens_stop_working(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("linger.auth.cache.FRESH_FOR", 0.2)  # revocation seen within 0.2 s
+    guarded = await make_client(auth=True)
     token, secret = await make_token(guarded, "read:*", expires_at=int(time.time() * 1000) + 60_000)
     assert (await guarded.get("/stats", headers=bearer(secret))).status == 200
     async with connection(guarded) as conn:
@@ -585,30 +589,46 @@ async def _migrated(server_args: list[str]) -> None:
             await engine.dispose()
 
 
-async def test_token_commands_on_the_servers_database(server_args: list[str]) -> None:
-    await _migrated(server_args)
-    created = _linger(
-        "token", "create", "--scope", "produce:orders.*", "--scope", "consume:orders.*",
+def _command(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``linger token ARGS`` in this process: (exit status, stdout, stderr)."""
+    try:
+        tokencli.main(list(args))
+    except SystemExit as exited:
+        code = exited.code if isinstance(exited.code, int) else 1
+        if isinstance(exited.code, str):
+            print(exited.code, file=sys.stderr)
+    else:
+        code = 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_token_commands_on_the_servers_database(
+    server_args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(_migrated(server_args))
+    code, secret, err = _command(
+        capsys, "create", "--scope", "produce:orders.*", "--scope", "consume:orders.*",
         "--name", "worker", "--expires", "90", *server_args,
     )  # fmt: skip
-    assert created.returncode == 0, created.stderr
-    secret = created.stdout.strip()
+    assert code == 0, err
+    secret = secret.strip()
     assert secret.startswith("lgr_")
     assert len(secret) == 47
-    assert "shown only this once" in created.stderr
+    assert "shown only this once" in err
     (listed,) = [
         json.loads(line)
-        for line in _linger("token", "list", "--json", *server_args).stdout.splitlines()
+        for line in _command(capsys, "list", "--json", *server_args)[1].splitlines()
     ]
     assert listed["name"] == "worker"
     assert listed["status"] == "active"
     assert listed["scopes"] == ["produce:orders.*", "consume:orders.*"]
-    assert secret not in _linger("token", "list", *server_args).stdout
-    assert _linger("token", "revoke", str(listed["id"]), *server_args).returncode == 0
-    assert "revoked" in _linger("token", "list", *server_args).stdout
-    missing = _linger("token", "revoke", "999", *server_args)
-    assert missing.returncode == 1
-    assert missing.stderr.strip() == "linger token: no token 999"
+    assert secret not in _command(capsys, "list", *server_args)[1]
+    assert _command(capsys, "revoke", str(listed["id"]), *server_args)[0] == 0
+    assert "revoked" in _command(capsys, "list", *server_args)[1]
+    code, _out, err = _command(capsys, "revoke", "999", *server_args)
+    assert code == 1
+    assert err.strip() == "linger token: no token 999"
 
 
 @pytest.mark.parametrize(
