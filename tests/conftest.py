@@ -182,7 +182,9 @@ def postgres_url(postgres_admin_url: str) -> str:
 async def _truncate(url: str) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        await conn.execute("TRUNCATE messages, channels, subscriptions, bodies, tokens RESTART IDENTITY")
+        await conn.execute(
+            "TRUNCATE messages, channels, subscriptions, bodies, tokens RESTART IDENTITY"
+        )
     finally:
         await conn.close()
 
