@@ -209,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Linger: message queue and pub-sub service with a REST HTTP API.",
         epilog="Every option can also be set by its LINGER_<NAME> environment variable or "
         "in the TOML file given by --config (keys as the option names); the command line "
-        "wins over the environment, which wins over the file.",
+        "wins over the environment, which wins over the file. Other commands, each with "
+        "its own --help: linger token create|list|revoke (access tokens, on the server's "
+        "database); linger send|recv|peek|stats|redrive|drain (a client of a running "
+        "server, --url and --token).",
     )
     parser.add_argument("--version", action="version", version=f"linger {__version__}")
     parser.add_argument("--config", metavar="FILE", help="TOML config file (env: LINGER_CONFIG)")
