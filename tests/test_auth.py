@@ -141,6 +141,9 @@ CASES: dict[str, Case] = {
     "topics": Case(plain("GET", "/topics"), None),
     "health": Case(plain("GET", "/health"), None, open=True),
     "ready": Case(plain("GET", "/ready"), None, open=True),
+    "ui": Case(plain("GET", "/ui"), None, open=True),
+    "ui_asset": Case(plain("GET", "/ui/app.js"), None, open=True),
+    "overview": Case(plain("GET", "/overview"), None),
     "stats": Case(plain("GET", "/stats"), "read", everywhere=True),
     "metrics": Case(plain("GET", "/metrics"), "read", everywhere=True),
     "post_message": Case(

@@ -35,8 +35,12 @@ GUARD = web.AppKey("guard", Authenticator)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
 GRANT = web.RequestKey("grant", Grant)
 VERDICT = web.RequestKey("verdict", Verdict)
-# Open to anyone, whatever the method (a HEAD is 405, not 401).
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Open to anyone, whatever the method (a HEAD is 405, not 401). The dashboard's page and
+# assets (linger/http/ui/) too: the page asks for a token and reads with it.
+OPEN_PATHS = frozenset(
+    {"/health", "/ready", "/ui", "/ui/"}
+    | {f"/ui/{asset}" for asset in ("index.html", "app.js", "style.css", "favicon.svg")}
+)
 # Names a listing filters on the event loop; more are filtered in a thread.
 _LISTED_ON_LOOP = 1000
 
@@ -62,6 +66,9 @@ RULES: dict[str, Rule] = {
     "openapi": _TOKEN,
     "channels": _TOKEN,
     "topics": _TOKEN,
+    # The dashboard's overview: like the listings, names the token may read, consume or
+    # produce; counts only where it may read, server-wide figures with read:* only.
+    "overview": _TOKEN,
     "post_message": Rule("produce", _CHANNEL),
     "post_messages": Rule("produce", _CHANNEL),
     "get_message": Rule("consume", _CHANNEL),

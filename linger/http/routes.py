@@ -42,6 +42,7 @@ from linger.http.topics import (
     post_topic_message,
     put_subscription,
 )
+from linger.http.ui import get_overview, get_ui, get_ui_asset
 
 _CHANNEL = "/channels/{channel:[^/]+}"
 # Requests carrying a message refuse an oversized body before it is sent (Expect).
@@ -100,4 +101,7 @@ ROUTES = [
     web.get("/metrics", get_metrics, name="metrics", allow_head=False),
     web.get("/health", get_health, name="health", allow_head=False),
     web.get("/ready", get_ready, name="ready", allow_head=False),
+    web.get("/overview", get_overview, name="overview", allow_head=False),
+    web.get("/ui", get_ui, name="ui", allow_head=False),
+    web.get("/ui/{asset:[A-Za-z0-9._-]*}", get_ui_asset, name="ui_asset", allow_head=False),
 ]
