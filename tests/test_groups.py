@@ -74,6 +74,26 @@ async def test_unstorable_content_type_is_400(
     assert (await stats(client, "c")) == {"ready": 0, "hidden": 0}
 
 
+async def test_an_empty_content_type_is_kept_as_the_default(client: Client) -> None:
+    """Found by schemathesis: a message posted with an empty (or blank) Content-Type was
+    delivered with an empty, malformed one. It is text/plain, as with none; a batch item's
+    blank one is its encoding's default."""
+    for blank in (b"", b"   "):
+        answer = await raw_request(
+            client,
+            b"POST /channels/c HTTP/1.1\r\nHost: x\r\nContent-Type: " + blank
+            + b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+        )  # fmt: skip
+        assert status_of(answer) == 202, answer
+        response = await get(client, "c")
+        assert response.headers["Content-Type"].startswith("text/plain"), response.headers
+    items = [{"body": "aGk=", "encoding": "base64", "content_type": " "}]
+    added = await client.post("/channels/c/messages", json=items)
+    assert added.status == 202
+    response = await get(client, "c")
+    assert response.headers["Content-Type"] == "application/octet-stream"
+
+
 async def test_control_character_in_a_header_is_a_json_400(client: Client) -> None:
     answer = await raw_request(
         client,

@@ -119,12 +119,13 @@ def _refused(request: web.Request, response: web.Response) -> web.Response:
     return response
 
 
-def content_type(value: str) -> str:
+def content_type(value: str, default: str = "text/plain") -> str:
     """A content type to keep with a message: printable UTF-8 (a header with other bytes
-    arrives surrogate-escaped and could not be stored), of bounded length."""
+    arrives surrogate-escaped and could not be stored), of bounded length; an empty one
+    (or blanks) is ``default``, since a delivery could not carry it as a header."""
     if len(value) > MAX_CONTENT_TYPE or not value.replace("\t", " ").isprintable():
         raise errors.InvalidParameter("Invalid content type.")
-    return value
+    return value.strip(" \t") or default
 
 
 async def read_limited(stream: web.Request | BodyPartReader, limit: int) -> bytes | None:

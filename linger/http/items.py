@@ -259,7 +259,7 @@ def message(
         if given is not None:
             if not isinstance(given, str):
                 raise errors.InvalidParameter("Invalid content type.")
-            kind = bodies.content_type(given)
+            kind = bodies.content_type(given, kind)
         if channel is None:  # published: the subscriptions' options apply
             return NewMessage(body, kind)
         options = params.options({**defaults, **_option_values(item)}, channel)
