@@ -252,6 +252,20 @@ async def test_query_message_with_invalid_utf8_is_400(client: Client) -> None:
 async def test_responses_name_linger_without_a_version(client: Client) -> None:
     for response in (await client.get("/"), await client.get("/nowhere")):
         assert response.headers["Server"] == "Linger"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_a_delivered_page_cannot_run_as_one_of_linger(client: Client) -> None:
+    """A body is a client's: one posted as text/html is delivered as such, sandboxed, so
+    that a browser opening it (where the dashboard lives) runs none of its script."""
+    posted = await client.post(
+        "/channels/c", data=b"<script>alert(1)</script>", headers={"Content-Type": "text/html"}
+    )
+    assert posted.status == 202
+    response = await client.get("/channels/c?nowait")
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert response.headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 @pytest.mark.parametrize(

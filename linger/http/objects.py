@@ -21,6 +21,9 @@ def message_response(message: Message, now_ms: int) -> web.Response:
     """A delivery: the body, its content type, and the metadata in x-linger-* headers."""
     headers = {
         "Content-Type": message.content_type,
+        # The body is a client's: a browser opening it (on the dashboard's own address)
+        # must not run it as a page of this origin, whatever its content type says.
+        "Content-Security-Policy": "sandbox; default-src 'none'",
         "x-linger-msg-id": str(message.id),
         "x-linger-channel": header_value(message.channel),
         "x-linger-priority": str(message.priority),

@@ -71,9 +71,12 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every response, streamed ones and those of ``Expect``
     handlers (which no middleware sees) too, names its request and says ``Server: Linger``
-    (aiohttp's default names Python's and aiohttp's versions)."""
-    response.headers[HEADER] = request_id(request)
-    response.headers[hdrs.SERVER] = SERVER
+    (aiohttp's default names Python's and aiohttp's versions), and forbids sniffing."""
+    headers = response.headers
+    headers[HEADER] = request_id(request)
+    headers[hdrs.SERVER] = SERVER
+    # No response is to be read as anything but the type it says it is.
+    headers[hdrs.X_CONTENT_TYPE_OPTIONS] = "nosniff"
 
 
 def client_address(request: BaseRequest) -> str:
