@@ -10,9 +10,11 @@ without a version.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import hdrs, web
@@ -31,12 +33,31 @@ _TOKEN = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 
 
+# A made id: this process's random prefix and a counter (32 hex digits, as a uuid4's): unique
+# across processes (drawn again in each forked worker) and restarts, without drawing
+# randomness for every request.
+_prefix = secrets.token_hex(8)
+_counter = itertools.count(1)
+
+
+def _new_prefix() -> None:
+    global _prefix, _counter
+    _prefix, _counter = secrets.token_hex(8), itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def _new_id() -> str:
+    return f"{_prefix}{next(_counter):016x}"
+
+
 def request_id(request: BaseRequest) -> str:
     """The id of ``request`` (made on first use)."""
     current = request.get(_ID)
     if current is None:
         given = request.headers.get(HEADER, "")
-        current = given if _TOKEN.fullmatch(given) else uuid.uuid4().hex
+        current = given if _TOKEN.fullmatch(given) else _new_id()
         request[_ID] = current
     return current
 
