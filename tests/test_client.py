@@ -536,3 +536,180 @@ def test_message_json_and_item_encodings() -> None:
     message = Message(1, None, "c", b"\xff", "x", 0, 30, 0, 0, 0, 0)
     assert message.to_json()["encoding"] == "base64"
     assert "lease" not in message.to_json()
+
+
+# Found by attacking the client: each test names what went wrong
+
+
+@pytest.mark.sqlite
+async def test_long_polls_never_hold_up_lease_extensions(make_client: ClientFactory) -> None:
+    """Long-polls have their own connections: with every pooled one long-polling, the
+    lease of a slow handler is still extended and nobody else gets the message."""
+    async with linger(await make_client(), connections=2) as client:
+        await client.add("slow", "x", timeout=1)
+        starts: list[int] = []
+
+        async def handle(message: Message) -> None:
+            starts.append(message.delivered)
+            await asyncio.sleep(1.3)  # past its 1 s visibility timeout
+
+        consumer = client.consumer("slow", handle, concurrency=6, wait=1, signals=False)
+        running = asyncio.create_task(consumer.run())
+        deadline = time.monotonic() + 6
+        while consumer.counters.processed < 1:
+            assert time.monotonic() < deadline, consumer.counters
+            await asyncio.sleep(0.05)
+        consumer.stop()
+        counters = await running
+        assert starts == [1]
+        assert (counters.processed, counters.failed, counters.lost) == (1, 0, 0)
+
+
+@pytest.mark.sqlite
+async def test_a_handlers_own_cancelled_error_is_a_failure_not_a_dead_worker(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with linger(await make_client()) as client:
+        first, second = await client.add_many("cancels", ["first", "second"])
+        seen: list[tuple[int, int]] = []
+
+        async def handle(message: Message) -> None:
+            seen.append((message.id, message.delivered))
+            if message.id == first and message.delivered == 1:
+                inner = asyncio.ensure_future(asyncio.sleep(10))
+                asyncio.get_running_loop().call_later(0.05, inner.cancel)  # a library's own
+                await inner
+            if len(seen) == 3:
+                consumer.stop()
+
+        consumer = client.consumer(
+            "cancels", handle, concurrency=1, retry_delay=0, wait=1, signals=False
+        )
+        counters = await asyncio.wait_for(consumer.run(), 5)
+        assert sorted(seen) == [(first, 1), (first, 2), (second, 1)]
+        assert (counters.processed, counters.failed, counters.lost) == (2, 1, 0)
+        assert any("raised CancelledError" in r.getMessage() for r in caplog.records)
+        assert await client.channel_stats("cancels") == ChannelStats(0, 0)
+
+
+@pytest.mark.sqlite
+async def test_a_server_max_batch_below_the_loops_concurrency(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Receives, extensions and deletes shrink to what the server takes (it has
+    --max-batch 2 here; the loop receives 4 at a time and holds 4)."""
+    async with linger(await make_client(max_batch=2)) as client:
+        await client.add_many("small", ["a", "b"], timeout=1)
+        await client.add_many("small", ["c", "d"], timeout=1)
+        starts: defaultdict[int, int] = defaultdict(int)
+
+        async def handle(message: Message) -> None:
+            starts[message.id] += 1
+            await asyncio.sleep(1.2)  # past the timeout: the leases must be extended
+
+        consumer = client.consumer("small", handle, concurrency=4, batch=4, wait=1, signals=False)
+        running = asyncio.create_task(consumer.run())
+        deadline = time.monotonic() + 8
+        while consumer.counters.processed < 4:
+            assert time.monotonic() < deadline, consumer.counters
+            await asyncio.sleep(0.05)
+        consumer.stop()
+        counters = await running
+        assert list(starts.values()) == [1, 1, 1, 1]
+        assert (counters.processed, counters.failed, counters.lost) == (4, 0, 0)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class SlowLink:
+    """A TCP proxy to ``target`` whose answers arrive ``delay`` seconds late."""
+
+    def __init__(self, target: str, delay: float) -> None:
+        self.host, port = target.split("//")[1].rstrip("/").rsplit(":", 1)
+        self.port = int(port)
+        self.delay = delay
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream = await asyncio.open_connection(self.host, self.port)
+
+        async def pipe(source: asyncio.StreamReader, to: asyncio.StreamWriter, late: float) -> None:
+            with contextlib.suppress(Exception):
+                while data := await source.read(65536):
+                    await asyncio.sleep(late)
+                    to.write(data)
+                    await to.drain()
+            to.close()
+
+        await asyncio.gather(pipe(reader, upstream, 0), pipe(upstream_reader, writer, self.delay))
+
+
+@pytest.mark.sqlite
+async def test_a_stop_waits_for_the_receive_on_its_way_back_and_releases_it(
+    make_client: ClientFactory,
+) -> None:
+    server = await make_client()
+    async with (
+        SlowLink(str(server.make_url("/")), 0.5) as slow,
+        AsyncClient(slow) as far,
+        linger(server) as client,
+    ):
+        handled: list[int] = []
+
+        async def handle(message: Message) -> None:
+            handled.append(message.id)
+
+        consumer = far.consumer("cut", handle, concurrency=2, batch=5, wait=2, signals=False)
+        running = asyncio.create_task(consumer.run())
+        await asyncio.sleep(0.3)  # long-polling the empty channel
+        await client.add_many("cut", ["a", "b", "c"], timeout=60)
+        await asyncio.sleep(0.1)  # leased by the server, the answer still on its way
+        consumer.stop()
+        await asyncio.wait_for(running, 5)
+        assert handled == []
+        assert await client.channel_stats("cut") == ChannelStats(3, 0)
+
+
+@pytest.mark.sqlite
+async def test_the_loop_receives_no_more_than_it_can_start(make_client: ClientFactory) -> None:
+    """batch=10 with one handler: what is not started was never received, so a stop uses
+    up none of their deliveries."""
+    async with linger(await make_client()) as client:
+        await client.add_many("few", [f"m{n}" for n in range(5)], deliver=2, dead="few.dead")
+        stopping: list[Any] = []
+
+        async def handle(message: Message) -> None:
+            stopping[-1].stop()
+            await asyncio.sleep(0.05)
+
+        for _ in range(2):  # two deploys, say
+            stopping.append(client.consumer("few", handle, concurrency=1, batch=10, signals=False))
+            counters = await asyncio.wait_for(stopping[-1].run(), 5)
+            assert (counters.processed, counters.failed, counters.lost) == (1, 0, 0)
+        left = await client.peek("few", 10)
+        assert [m.delivered for m in left] == [0, 0, 0]
+        assert await client.peek("few.dead") == []
+
+
+@pytest.mark.sqlite
+async def test_a_peeked_message_cannot_be_acted_on_and_a_bare_id_still_can(
+    make_client: ClientFactory,
+) -> None:
+    async with linger(await make_client()) as client:
+        await client.add("peeked", "p")
+        [peeked] = await client.peek("peeked")
+        for act in (client.delete, client.touch, client.release, client.reject):
+            with pytest.raises(ValueError, match="has no lease"):
+                await act(peeked)
+        with pytest.raises(ValueError, match="has no lease"):
+            await client.delete_many([peeked])
+        assert await client.channel_stats("peeked") == ChannelStats(1, 0)
+        await client.delete(peeked.id)
+        assert await client.channel_stats("peeked") == ChannelStats(0, 0)

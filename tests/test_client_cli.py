@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from linger import cli
-from linger.client import ChannelStats, Client, Message, Reject
+from linger.client import ChannelStats, Client, ClientClosed, LingerError, Message, Reject
 
 from .conftest import run_sync
 from .processes import Server
@@ -255,4 +255,83 @@ def test_the_blocking_client_cannot_be_used_from_its_own_loop(live: Live) -> Non
         with pytest.raises(RuntimeError, match="its own handlers"):
             blocking._run(inside())
     with pytest.raises(RuntimeError, match="closed"):
+        blocking.channels()
+
+
+# Found by attacking the client
+
+
+def test_send_lines_to_an_unreachable_server_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    lines = tmp_path / "lines.txt"
+    lines.write_text("a\nb\n")
+    code, out, err = run(
+        capsys, "send", "c", "--lines", "--file", str(lines), "--url", "http://127.0.0.1:1"
+    )
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1, err
+    assert err.startswith("linger send: Cannot connect to http://127.0.0.1:1"), err
+    assert "after the first 0 messages" in err
+
+
+def test_a_blocking_handler_past_its_timeout_keeps_its_lease_until_it_returns(
+    client: Client,
+) -> None:
+    """A thread cannot be cancelled: its message is not handed to anyone else (its lease
+    is extended past the 1 s visibility timeout) and is deleted once the call returns."""
+    client.add("threads", "charge card", timeout=1)
+    calls: list[int] = []
+    running: list[int] = []
+    peak = 0
+    lock = threading.Lock()
+
+    def handle(message: Message) -> None:
+        nonlocal peak
+        with lock:
+            calls.append(message.delivered)
+            running.append(message.id)
+            peak = max(peak, len(running))
+        time.sleep(1.2)  # a call that cannot be interrupted
+        with lock:
+            running.remove(message.id)
+
+    consumer = client.consumer(
+        "threads", handle, concurrency=2, handler_timeout=0.3, retry_delay=0, wait=1
+    )
+    thread = threading.Thread(target=consumer.run)
+    thread.start()
+    deadline = time.monotonic() + 6
+    while consumer.counters.processed < 1:
+        assert time.monotonic() < deadline, consumer.counters
+        time.sleep(0.05)
+    consumer.stop()
+    thread.join(5)
+    assert (calls, peak) == ([1], 1)
+    assert (consumer.counters.processed, consumer.counters.failed) == (1, 0)
+    assert client.channel_stats("threads") == ChannelStats(0, 0)
+
+
+def test_closing_a_blocking_client_ends_the_calls_other_threads_wait_on(live: Live) -> None:
+    blocking = Client(live.url, token=live.token)
+    outcome: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            blocking.receive("nothing-here", wait=2)
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    blocking.close()
+    thread.join(3)
+    assert not thread.is_alive()
+    assert time.monotonic() - started < 3
+    [error] = outcome
+    assert isinstance(error, ClientClosed), repr(error)
+    assert isinstance(error, LingerError)
+    with pytest.raises(ClientClosed):
         blocking.channels()

@@ -8,6 +8,7 @@ from linger.client.blocking import BlockingConsumer, Client
 from linger.client.errors import (
     BadRequest,
     ChannelFull,
+    ClientClosed,
     Conflict,
     ConnectionFailed,
     InvalidResponse,
@@ -34,6 +35,7 @@ __all__ = [
     "ChannelFull",
     "ChannelStats",
     "Client",
+    "ClientClosed",
     "Conflict",
     "ConnectionFailed",
     "Consumer",

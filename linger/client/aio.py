@@ -13,10 +13,11 @@ from linger.client.errors import InvalidResponse
 from linger.client.messages import Acknowledged, ChannelDetail, ChannelStats, Item, Message
 from linger.client.retry import Retry
 from linger.client.transport import DEFAULT_URL, MAX_RESPONSE, Answer, Transport, path_name
-from linger.client.worker import Consumer, Counters
+from linger.client.worker import LOOP_WAIT, Consumer, Counters
 
-# A long-poll without ``wait`` lasts up to the server's --poll-max: 120 s by default.
-SERVER_POLL_MAX = 120.0
+# A long-poll without ``wait`` lasts up to the server's --poll-max (120 s by default, but
+# the client cannot know it): such a request gets this long on top of its timeout.
+UNKNOWN_POLL_MAX = 3600.0
 
 Handler = Callable[[Message], Awaitable[object]]
 Leases = Iterable[str | Message]
@@ -39,9 +40,16 @@ def _leases(leases: Leases) -> list[str]:
 
 
 def _target(message: Message | int, lease: str | None) -> tuple[str, dict[str, str]]:
-    """The path of a message and its ``lease`` parameter (a Message's own by default)."""
+    """The path of a message and its ``lease`` parameter (a Message's own by default). A
+    Message without a lease (peeked) is refused: acting on it by id alone would act on the
+    message whatever its state; a bare id is the 1.0.1 way to do that."""
     if isinstance(message, Message):
         lease = message.lease if lease is None else lease
+        if lease is None:
+            raise ValueError(
+                f"message {message.id} has no lease (peeked, not received): "
+                "pass its id to act on it whatever its state"
+            )
         message = message.id
     return f"/messages/{int(message)}", ({} if lease is None else {"lease": lease})
 
@@ -51,7 +59,7 @@ def _wait(wait: float | None, nowait: bool) -> tuple[dict[str, str], float]:
     if nowait:
         return {"nowait": "1"}, 0.0
     if wait is None:
-        return {}, SERVER_POLL_MAX
+        return {}, UNKNOWN_POLL_MAX
     seconds = max(0, math.ceil(wait))
     return {"wait": str(seconds)}, float(seconds)
 
@@ -104,6 +112,17 @@ class AsyncClient:
     @property
     def url(self) -> str:
         return self._http.base
+
+    @property
+    def connections(self) -> int:
+        """The most connections open at once for long-polls (and as many for every other
+        request)."""
+        return self._http.connections
+
+    @property
+    def timeout(self) -> float:
+        """Seconds each request may take (a long-poll: its wait on top)."""
+        return self._http.timeout
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -431,7 +450,7 @@ class AsyncClient:
         concurrency: int = 1,
         batch: int = 1,
         handler_timeout: float | None = None,
-        wait: float | None = None,
+        wait: float | None = LOOP_WAIT,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
         signals: bool = True,
@@ -458,7 +477,7 @@ class AsyncClient:
         concurrency: int = 1,
         batch: int = 1,
         handler_timeout: float | None = None,
-        wait: float | None = None,
+        wait: float | None = LOOP_WAIT,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
         signals: bool = True,

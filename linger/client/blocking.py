@@ -13,10 +13,11 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from linger.client.aio import AsyncClient
+from linger.client.errors import ClientClosed
 from linger.client.messages import Message
 from linger.client.retry import Retry
 from linger.client.transport import DEFAULT_URL
-from linger.client.worker import Consumer, Counters
+from linger.client.worker import LOOP_WAIT, Consumer, Counters
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -127,6 +128,8 @@ class Client:
         )
         self._thread.start()
         self._closed = False
+        self._lock = threading.Lock()
+        self._calls: set[concurrent.futures.Future[Any]] = set()
 
     @property
     def url(self) -> str:
@@ -135,26 +138,45 @@ class Client:
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         if self._closed:
             coroutine.close()
-            raise RuntimeError("the client is closed")
+            raise ClientClosed("The client is closed.")
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("a blocking Client cannot be called from its own handlers")
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        with self._lock:
+            self._calls.add(future)
         try:
             return future.result()
+        except concurrent.futures.CancelledError:
+            if self._closed:
+                raise ClientClosed("The client was closed during the call.") from None
+            raise
         except BaseException:
             future.cancel()  # interrupted (KeyboardInterrupt): the request is abandoned
             with contextlib.suppress(concurrent.futures.CancelledError, Exception):
                 future.result(timeout=1)
             raise
+        finally:
+            with self._lock:
+                self._calls.discard(future)
 
     def close(self) -> None:
+        """Close the client: calls still under way in other threads raise ClientClosed
+        there, and so does every later call."""
         if self._closed:
             return
+        closing = asyncio.run_coroutine_threadsafe(self._client.close(), self._loop)
+        self._closed = True
         try:
-            self._run(self._client.close())
+            closing.result()
         finally:
-            self._closed = True
+            with self._lock:
+                pending = list(self._calls)
+            for future in pending:  # calls that were not requests (a worker loop's run)
+                future.cancel()
+            for future in pending:
+                with contextlib.suppress(BaseException):
+                    future.result(timeout=5)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
@@ -210,14 +232,18 @@ class Client:
         concurrency: int = 1,
         batch: int = 1,
         handler_timeout: float | None = None,
-        wait: float | None = None,
+        wait: float | None = LOOP_WAIT,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
         signals: bool = True,
     ) -> BlockingConsumer:
         """A worker loop over ``channel`` whose ``handler`` is a plain function (each call
-        runs in a thread of its own); see ``Consumer`` for the options."""
-        consumer = self._client.consumer(
+        runs in a thread of its own); see ``Consumer`` for the options. A thread cannot be
+        cancelled: a handler past ``handler_timeout`` is logged, and its message stays
+        leased (extended) and its place taken until the call returns; the message is then
+        deleted or released by what the call did."""
+        consumer = Consumer(
+            self._client,
             channel,
             _in_thread(handler),
             concurrency=concurrency,
@@ -227,6 +253,7 @@ class Client:
             retry_delay=retry_delay,
             max_retry_delay=max_retry_delay,
             signals=False,
+            cancellable=False,
         )
         return BlockingConsumer(self, consumer, signals)
 
@@ -238,7 +265,7 @@ class Client:
         concurrency: int = 1,
         batch: int = 1,
         handler_timeout: float | None = None,
-        wait: float | None = None,
+        wait: float | None = LOOP_WAIT,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
         signals: bool = True,

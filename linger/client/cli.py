@@ -36,6 +36,10 @@ class UsageError(Exception):
     """The command cannot run as given (exit status 2)."""
 
 
+class Failed(Exception):
+    """The command failed, as its one-line text says (exit status 1)."""
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -212,8 +216,8 @@ async def _send_lines(
             try:
                 ids = await client.add_many(args.channel, items, retry=args.retry, **options)
             except LingerError as error:
-                text = f"{error.text} (in the batch after the first {sent} messages, all sent)"
-                raise type(error)(error.status, text) from None
+                text = f"{error} (in the batch after the first {sent} messages, all sent)"
+                raise Failed(text) from None
             sent += len(ids)
             advance(len(ids))
     return sent
@@ -403,7 +407,7 @@ def main(argv: Sequence[str]) -> None:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except (LingerError, ValueError) as error:
+    except (LingerError, ValueError, Failed) as error:
         print(f"{prog}: {error}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

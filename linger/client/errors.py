@@ -74,6 +74,14 @@ class ConnectionFailed(LingerError):
         self.retryable = retryable
 
 
+class ClientClosed(LingerError, RuntimeError):
+    """The client was closed (a request under way when it was, or one made after), or is
+    used from another event loop than its own."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(0, text)
+
+
 class InvalidResponse(LingerError):
     """The server answered, but not as a Linger server does (a body that is not the
     JSON expected, a delivery without its headers, an answer larger than allowed)."""

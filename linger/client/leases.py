@@ -6,16 +6,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from linger.client import errors
-from linger.client.messages import Message
+from linger.client.messages import Acknowledged, Message
 
 if TYPE_CHECKING:
     from linger.client.aio import AsyncClient
 
 logger = logging.getLogger(__name__)
+
+
+# The server's answer to a batch larger than its --max-batch.
+TOO_MANY = "Too many items."
+
+
+class Chunks:
+    """Batch acknowledgements cut to a size the server takes. The server does not say
+    its --max-batch: it starts at ``size``, and a 400 ``Too many items.`` halves it for
+    this request and every later one."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+
+    async def send(
+        self, call: Callable[[list[Message]], Awaitable[Acknowledged]], messages: list[Message]
+    ) -> Acknowledged:
+        """``call`` on ``messages``, ``size`` at a time; their outcomes together. Any
+        other error is raised (a 400 is not worth trying again)."""
+        done: list[int] = []
+        stale: list[str] = []
+        missing: list[str | int] = []
+        start = 0
+        while start < len(messages):
+            piece = messages[start : start + self.size]
+            try:
+                outcome = await call(piece)
+            except errors.BadRequest as error:
+                if error.text != TOO_MANY or len(piece) == 1:
+                    raise
+                self.size = max(1, len(piece) // 2)
+                logger.info(
+                    "the server takes fewer than %d items a batch: %d", len(piece), self.size
+                )
+                continue
+            done += outcome.done
+            stale += outcome.stale
+            missing += outcome.missing
+            start += len(piece)
+        return Acknowledged(done=done, stale=stale, missing=missing)
 
 
 @dataclass(eq=False)
@@ -34,11 +75,11 @@ class Held:
 
 
 class Holdings:
-    """The held deliveries, by lease; ``keep()`` extends them, ``chunk`` at a time."""
+    """The held deliveries, by lease; ``keep()`` extends them, in ``chunks``."""
 
-    def __init__(self, client: AsyncClient, chunk: int) -> None:
+    def __init__(self, client: AsyncClient, chunks: Chunks) -> None:
         self.client = client
-        self.chunk = chunk
+        self.chunks = chunks
         self._held: dict[str, Held] = {}
         self._latest: dict[int, str] = {}  # each held message's latest lease, by id
         self._changed = asyncio.Event()
@@ -68,8 +109,7 @@ class Holdings:
             live = [h for h in self._held.values() if not h.lost]
             if any(h.due <= now for h in live):
                 due = [h for h in live if h.due - h.message.timeout / 4 <= now]
-                for start in range(0, len(due), self.chunk):
-                    await self._extend(due[start : start + self.chunk])
+                await self._extend(due)
             upcoming = [h.due for h in self._held.values() if not h.lost]
             sleep = max(0.01, min(upcoming, default=now + 1.0) - loop.time())
             self._changed.clear()
@@ -79,7 +119,12 @@ class Holdings:
     async def _extend(self, due: list[Held]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            outcome = await self.client.touch_many([held.message for held in due])
+            outcome = await self.chunks.send(self.client.touch_many, [h.message for h in due])
+        except errors.BadRequest as error:  # refused as invalid: trying again cannot help
+            logger.error("extending %d leases: %s: they are let go", len(due), error)
+            for held in due:
+                held.lost = True
+            return
         except errors.LingerError as error:
             logger.warning("extending %d leases: %s", len(due), error)
             for held in due:

@@ -1,5 +1,7 @@
-"""The HTTP side of the client: one aiohttp session, requests with their timeout, bounded
-answers, retries, and answers turned into typed errors."""
+"""The HTTP side of the client: two aiohttp sessions (one for long-polls, one for every
+other request, so that acknowledgements and lease extensions never wait for a connection
+behind long-polls), requests with their timeout, bounded answers, retries, and answers
+turned into typed errors."""
 
 from __future__ import annotations
 
@@ -107,8 +109,9 @@ async def _read(response: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class Transport:
-    """Requests to one Linger server, on a session made on first use (in the running
-    event loop)."""
+    """Requests to one Linger server, on sessions made on first use in the running event
+    loop (the one loop the transport then serves). Long-polls (``wait`` > 0) have a pool
+    of ``connections`` of their own; every other request has another one."""
 
     def __init__(
         self,
@@ -124,22 +127,49 @@ class Transport:
         self.timeout = timeout
         self.retry = retry
         self.max_response = max_response
-        self._connections = connections
+        self.connections = connections
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}  # by "is a long-poll"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._pending: set[asyncio.Task[Any]] = set()
 
-    def _current(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
+    def _current(self, polling: bool) -> aiohttp.ClientSession:
+        self._check()
+        session = self._sessions.get(polling)
+        if session is None:
+            session = aiohttp.ClientSession(
                 headers=self._headers,
-                connector=aiohttp.TCPConnector(limit=self._connections),
+                connector=aiohttp.TCPConnector(limit=self.connections),
             )
-        return self._session
+            self._sessions[polling] = session
+        return session
+
+    def _check(self) -> None:
+        """ClientClosed once closed, or when called from another event loop than the
+        one the transport was first used in."""
+        if self._closed:
+            raise errors.ClientClosed("The client is closed.")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise errors.ClientClosed(
+                "The client belongs to another event loop (an AsyncClient serves the one "
+                "it was first used in: make one per asyncio.run)."
+            )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the sessions; requests still under way raise ClientClosed, and so does
+        every later one."""
+        self._closed = True
+        current = asyncio.current_task()
+        for task in list(self._pending):
+            if task is not current:
+                task.cancel()
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            await session.close()
 
     async def request(
         self,
@@ -158,6 +188,35 @@ class Transport:
         ``idempotent``; an answer of a status in ``expect``, else its typed error.
         ``wait``: seconds the server may hold the request (a long-poll) on top of the
         timeout. ``document`` is sent as a JSON body."""
+        self._check()
+        task = asyncio.current_task()
+        if task is None:
+            return await self._request(method, path, params, body, content_type, document,
+                                       idempotent, wait, expect)  # fmt: skip
+        self._pending.add(task)
+        try:
+            return await self._request(method, path, params, body, content_type, document,
+                                       idempotent, wait, expect)  # fmt: skip
+        except asyncio.CancelledError:
+            if self._closed and task.cancelling() <= 1:
+                task.uncancel()
+                raise errors.ClientClosed("The client was closed during the request.") from None
+            raise
+        finally:
+            self._pending.discard(task)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        params: Mapping[str, str] | None,
+        body: bytes | None,
+        content_type: str | None,
+        document: object,
+        idempotent: bool,
+        wait: float,
+        expect: tuple[int, ...],
+    ) -> Answer:
         headers = {}
         if document is not None:
             body, content_type = json.dumps(document).encode(), "application/json"
@@ -207,7 +266,7 @@ class Transport:
     ) -> Answer:
         seconds = self.timeout + wait
         try:
-            async with self._current().request(
+            async with self._current(wait > 0).request(
                 method,
                 url,
                 params=params,

@@ -10,12 +10,12 @@ import math
 import random
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from linger.client import errors
-from linger.client.leases import Held, Holdings
+from linger.client.leases import Chunks, Held, Holdings
 from linger.client.messages import Message
 
 if TYPE_CHECKING:
@@ -23,9 +23,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# How long a stopping loop lets a receive already sent come back (its messages are then
-# released) before it cuts it off: a long-poll of an empty channel is safe to cut.
-STOP_GRACE = 0.5
+# Seconds each long-poll of a loop lasts by default: a stop waits for the long-polls under
+# way (what they bring is released), so this bounds how long a stop takes.
+LOOP_WAIT = 5.0
+# A long-poll without ``wait`` lasts the server's --poll-max, which the client cannot know.
+_UNKNOWN_WAIT = 3600.0
 # Errors of a receive that trying again cannot cure: the loop stops and raises them.
 _FATAL = (errors.BadRequest, errors.Unauthenticated, errors.NotAllowed, errors.NotFound)
 # Errors that mean the lease is no longer this loop's: nothing is acknowledged.
@@ -58,13 +60,19 @@ class Consumer:
     A handler that returns: the message is deleted (in batches). One that raises: the
     message is released, ready again after ``retry_delay * 2**(delivered - 1)`` seconds
     (at most ``max_retry_delay``). One that raises ``Reject``: rejected. One that runs
-    longer than ``handler_timeout``: cancelled and released. While the loop holds a
-    message, started or not, its lease is extended at half its visibility timeout; an
-    action whose lease was lost (409) is logged at WARNING and counted as lost, never
-    retried with another lease. ``stop()`` (or SIGTERM / SIGINT when ``signals`` and run
-    in the main thread) lets running handlers finish and releases the messages received
-    but not started. ``wait``: seconds each long-poll may last (None: the server's
-    --poll-max)."""
+    longer than ``handler_timeout``: cancelled and released (a handler that cannot be
+    cancelled, ``cancellable=False``, as the blocking client's threads: logged, its
+    message kept leased and its place among the ``concurrency`` taken until it returns;
+    then settled by what it did). A handler that raises CancelledError of its own (the loop
+    was not cancelled) has failed: released. While the loop holds a message its lease is
+    extended at half its visibility timeout; an action whose lease was lost (409) is logged
+    at WARNING and counted as lost, never retried with another lease. The loop receives no
+    more than it has free handlers for (``batch`` at most), so little waits unstarted.
+    ``stop()`` (or SIGTERM / SIGINT when ``signals`` and run in the main thread) waits for
+    the receives under way, releases what they brought (a release counts as a delivery on
+    the server) and lets running handlers finish. ``wait``: seconds each long-poll may last
+    (None, or when the server's --poll-max is shorter: --poll-max), which bounds how long
+    a stop may take."""
 
     def __init__(
         self,
@@ -75,10 +83,11 @@ class Consumer:
         concurrency: int = 1,
         batch: int = 1,
         handler_timeout: float | None = None,
-        wait: float | None = None,
+        wait: float | None = LOOP_WAIT,
         retry_delay: float = 1.0,
         max_retry_delay: float = 300.0,
         signals: bool = True,
+        cancellable: bool = True,
     ) -> None:
         if concurrency < 1 or batch < 1:
             raise ValueError("concurrency and batch must be at least 1")
@@ -92,17 +101,22 @@ class Consumer:
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
         self.signals = signals
+        self.cancellable = cancellable
         self.counters = Counters()
-        self._chunk = min(_MOST_PER_REQUEST, max(batch, concurrency))
-        self._holdings = Holdings(client, self._chunk)
+        # Acknowledgements and extensions, as many a request as the server takes.
+        self._chunks = Chunks(min(_MOST_PER_REQUEST, max(batch, concurrency)))
+        self._holdings = Holdings(client, self._chunks)
+        self._wait = wait  # None once the server said it holds long-polls less long
+        self._receive_size = min(_MOST_PER_REQUEST, batch)  # halved on "Invalid batch size."
         self._queue: asyncio.Queue[Held | None] = asyncio.Queue()
         self._acks: asyncio.Queue[Held | None] = asyncio.Queue()
         self._stopping = asyncio.Event()
-        self._room = asyncio.Event()  # set when room for prefetching may have opened
-        self._unstarted = 0  # messages received and not started, and receives in flight
+        self._room = asyncio.Event()  # set when a handler's place may have been freed
+        self._taken = 0  # places of receives in flight, messages queued, handlers running
         self._stop_asked = False
+        self._left: list[Held] = []  # taken from the queue by workers as the loop stopped
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._fatal: errors.LingerError | None = None
+        self._fatal: BaseException | None = None
 
     @property
     def stopping(self) -> bool:
@@ -128,19 +142,22 @@ class Consumer:
         self._room.set()
 
     async def run(self) -> Counters:
-        """Run until stopped; the counters. Raises the error of a receive that cannot
-        succeed (400, 401, 403, 404) after stopping."""
+        """Run until stopped; the counters. Raises, after stopping, the error of a receive
+        that cannot succeed (400, 401, 403, 404), or of a part of the loop that crashed
+        (logged at ERROR as it happened)."""
         if self._loop is not None:
             raise RuntimeError("a Consumer runs once")
         self._loop = asyncio.get_running_loop()
         if self._stop_asked:
             self._begin_stop()
         with self._signal_handlers():
-            keeper = asyncio.create_task(self._holdings.keep())
-            acker = asyncio.create_task(self._acknowledge())
-            workers = [asyncio.create_task(self._work()) for _ in range(self.concurrency)]
-            count = max(1, self.concurrency // self.batch)
-            fetchers = [asyncio.create_task(self._fetch()) for _ in range(count)]
+            keeper = self._task(self._holdings.keep(), "extending leases")
+            acker = self._task(self._acknowledge(), "acknowledging")
+            workers = [self._task(self._work(), "a worker") for _ in range(self.concurrency)]
+            # No more receivers than the client has connections for long-polls: one waiting
+            # for a connection would hold up a stop for nothing.
+            count = min(max(1, self.concurrency // self.batch), self.client.connections)
+            fetchers = [self._task(self._fetch(), "receiving") for _ in range(count)]
             try:
                 await self._stopping.wait()
             finally:
@@ -148,6 +165,23 @@ class Consumer:
         if self._fatal is not None:
             raise self._fatal
         return self.counters
+
+    def _task(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """A task of the loop; should it crash, the crash is logged and stops the loop,
+        which raises it."""
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            logger.error("%s crashed: %r: stopping", what, error, exc_info=error)
+            if self._fatal is None:
+                self._fatal = error
+            self.stop()
+
+        task = asyncio.create_task(work)
+        task.add_done_callback(ended)
+        return task
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:
@@ -175,19 +209,19 @@ class Consumer:
         acker: asyncio.Task[None],
         keeper: asyncio.Task[None],
     ) -> None:
-        """Receives end (or are cut off after STOP_GRACE), what was not started is
+        """Receives under way end (within their request's time), what was not started is
         released, running handlers finish and their messages are acknowledged."""
         self._begin_stop()
-        _done, pending = await asyncio.wait(fetchers, timeout=STOP_GRACE)
+        bound = self.client.timeout + (_UNKNOWN_WAIT if self.wait is None else self.wait)
+        _done, pending = await asyncio.wait(fetchers, timeout=bound + 1)
         for task in pending:
             task.cancel()
         await asyncio.gather(*fetchers, return_exceptions=True)
-        unstarted: list[Held] = []
+        unstarted, self._left = self._left, []
         while not self._queue.empty():
             held = self._queue.get_nowait()
             if held is not None:
                 unstarted.append(held)
-        self._unstarted = 0
         await self._release_unstarted(unstarted)
         for _ in workers:
             self._queue.put_nowait(None)
@@ -201,19 +235,34 @@ class Consumer:
 
     async def _fetch(self) -> None:
         failures = 0
+        least = max(1, min(self.batch, self.concurrency) // 2)
         while True:
-            while self._unstarted >= self.concurrency and not self._stopping.is_set():
+            while self.concurrency - self._taken < least and not self._stopping.is_set():
                 self._room.clear()
                 await self._room.wait()
             if self._stopping.is_set():
                 return
-            self._unstarted += self.batch
+            n = min(self._receive_size, self.concurrency - self._taken)
+            self._taken += n
             try:
-                received = await self._receive()
+                received = await self._receive(n)
+            except errors.BadRequest as error:
+                if error.text == "Invalid wait." and self._wait is not None:
+                    logger.info(
+                        "the server's --poll-max is below %g s: long-polls last it", self._wait
+                    )
+                    self._wait = None
+                    continue
+                if error.text == "Invalid batch size." and n > 1:
+                    self._receive_size = max(1, min(self._receive_size, n // 2))
+                    logger.info(
+                        "the server takes fewer than %d a receive: %d", n, self._receive_size
+                    )
+                    continue
+                self._fail(error)
+                return
             except _FATAL as error:
-                logger.error("receiving from %s: %s: stopping", self.channel, error)
-                self._fatal = error
-                self.stop()
+                self._fail(error)
                 return
             except errors.LingerError as error:
                 failures += 1
@@ -222,41 +271,57 @@ class Consumer:
                 await self._pause(delay)
                 continue
             finally:
-                self._unstarted -= self.batch
+                self._taken -= n
+                self._room.set()
             failures = 0
             self._hold(received)
 
-    async def _receive(self) -> list[Message]:
-        if self.batch == 1:
-            message = await self.client.receive(self.channel, wait=self.wait)
+    def _fail(self, error: errors.LingerError) -> None:
+        logger.error("receiving from %s: %s: stopping", self.channel, error)
+        self._fatal = error
+        self.stop()
+
+    async def _receive(self, n: int) -> list[Message]:
+        if n == 1:
+            message = await self.client.receive(self.channel, wait=self._wait)
             return [] if message is None else [message]
-        return await self.client.receive_many(self.channel, self.batch, wait=self.wait)
+        return await self.client.receive_many(self.channel, n, wait=self._wait)
 
     def _hold(self, received: list[Message]) -> None:
         for message in received:
-            if message.lease is not None:
-                self._unstarted += 1
-                self._queue.put_nowait(self._holdings.hold(message))
+            if message.lease is None:
+                logger.error(
+                    "message %d was delivered without a lease (is %s a Linger server of "
+                    "this version?): not handled, it comes back after its timeout",
+                    message.id,
+                    self.client.url,
+                )
+                continue
+            self._taken += 1
+            self._queue.put_nowait(self._holdings.hold(message))
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _release_unstarted(self, unstarted: list[Held]) -> None:
-        for start in range(0, len(unstarted), self._chunk):
-            chunk = unstarted[start : start + self._chunk]
-            try:
-                outcome = await self.client.release_many([h.message for h in chunk])
-            except errors.LingerError as error:
-                logger.error("releasing %d messages not started: %s", len(chunk), error)
-                continue
-            finally:
-                for held in chunk:
-                    self._holdings.forget(held)
-            released = set(outcome.done)
-            for held in chunk:
-                if held.message.id not in released:
-                    self._lose(held, "released while stopping")
+        if not unstarted:
+            return
+        try:
+            outcome = await self._chunks.send(
+                self.client.release_many, [h.message for h in unstarted]
+            )
+        except errors.LingerError as error:
+            logger.error("releasing %d messages not started: %s", len(unstarted), error)
+            return
+        finally:
+            for held in unstarted:
+                self._holdings.forget(held)
+            self._taken -= len(unstarted)
+        released = set(outcome.done)
+        for held in unstarted:
+            if held.message.id not in released:
+                self._lose(held, "released while stopping")
 
     # Handling
 
@@ -265,23 +330,45 @@ class Consumer:
             held = await self._queue.get()
             if held is None:
                 return
-            self._unstarted -= 1
-            self._room.set()
-            if held.lost:
-                self._holdings.forget(held)
-                self._lose(held, "before it was started")
+            if self._stopping.is_set():  # received as the loop stops: released
+                self._left.append(held)
                 continue
-            await self._handle(held)
+            try:
+                if held.lost:
+                    self._holdings.forget(held)
+                    self._lose(held, "before it was started")
+                else:
+                    await self._handle(held)
+            finally:
+                self._taken -= 1
+                self._room.set()
 
     async def _handle(self, held: Held) -> None:
         message = held.message
-        timer = asyncio.timeout(self.handler_timeout)
+        timer = asyncio.timeout(self.handler_timeout if self.cancellable else None)
         try:
             async with timer:
-                await self.handler(message)
+                if self.cancellable:
+                    await self.handler(message)
+                else:
+                    await self._uncancellable(message)
         except Reject as reason:
             logger.info("message %d rejected by the handler: %s", message.id, reason)
             await self._settle(held, "reject")
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the loop itself is cancelled
+            delay = self._retry_delay(message)
+            logger.warning(
+                "message %d (delivery %d): the handler raised CancelledError (the loop did "
+                "not cancel it): released for %d s",
+                message.id,
+                message.delivered,
+                delay,
+                exc_info=True,
+            )
+            await self._settle(held, "release", delay)
         except Exception as error:
             delay = self._retry_delay(message)
             if timer.expired():
@@ -303,6 +390,24 @@ class Consumer:
             await self._settle(held, "release", delay)
         else:
             self._acks.put_nowait(held)
+
+    async def _uncancellable(self, message: Message) -> None:
+        """The handler, waited for to its end even past ``handler_timeout`` (its message
+        stays held, its lease extended): a thread cannot be stopped."""
+        call = asyncio.ensure_future(self.handler(message))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=self.handler_timeout)
+            if not done:
+                logger.warning(
+                    "message %d: the handler runs past %g s and cannot be cancelled: its "
+                    "lease is kept until it returns",
+                    message.id,
+                    self.handler_timeout,
+                )
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        await call
 
     def _retry_delay(self, message: Message) -> int:
         seconds = self.retry_delay * 2.0 ** max(0, message.delivered - 1)
@@ -345,7 +450,7 @@ class Consumer:
                 if first is None:
                     return
                 batch.append(first)
-            while len(batch) < self._chunk and not self._acks.empty():
+            while len(batch) < self._chunks.size and not self._acks.empty():
                 held = self._acks.get_nowait()
                 if held is None:
                     closing = True
@@ -361,7 +466,7 @@ class Consumer:
 
     async def _delete(self, batch: list[Held]) -> None:
         try:
-            outcome = await self.client.delete_many([held.message for held in batch])
+            outcome = await self._chunks.send(self.client.delete_many, [h.message for h in batch])
         except errors.LingerError as error:
             logger.error("deleting %d handled messages: %s", len(batch), error)
             self.counters.lost += len(batch)
