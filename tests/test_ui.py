@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from linger.http import access, ui
-from linger.store import tokens
+from linger.http.keys import BROKER
+from linger.store import dashboard, db, tokens
 
 from .conftest import ClientFactory
 from .helpers import Client, Probe, add, connection, error, raw, raw_request, status_of
@@ -76,7 +77,13 @@ async def test_page_and_assets_are_served_with_security_headers(client: Client) 
         assert policy["script-src"] == ["'self'"]  # no 'unsafe-inline', no 'unsafe-eval'
         assert policy["frame-ancestors"] == ["'none'"]
         assert policy["object-src"] == ["'none'"]
+        assert policy["img-src"] == ["'self'"]  # no data: (nothing uses it)
     assert (await client.head("/ui")).status == 405
+    missing = await client.get("/ui/missing.js")
+    await error(missing, 404)
+    for header, value in HEADERS.items():
+        assert missing.headers[header] == value, header
+    assert "Content-Security-Policy" in missing.headers
 
 
 async def test_the_page_has_no_inline_script_and_its_script_no_markup_sink(client: Client) -> None:
@@ -101,7 +108,9 @@ def test_assets_ship_in_the_package_and_are_open_with_auth() -> None:
     assert set(ui.ASSETS) == {"index.html", "app.js", "style.css", "favicon.svg"}
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "ui/*" in package_data["package-data"]["linger.http"]
-    assert {"/ui", "/ui/", *(f"/ui/{name}" for name in ui.ASSETS)} <= access.OPEN_PATHS
+    # Derived from the served files: a new asset needs no token, and nothing else is open.
+    open_ui = {"/ui", "/ui/", *(f"/ui/{name}" for name in ui.ASSETS)}
+    assert {"/health", "/ready"} | open_ui == access.OPEN_PATHS
     assert "overview" in access.RULES
 
 
@@ -243,13 +252,15 @@ async def test_overview_with_auth_shows_what_the_token_may_read(
     assert rows["x.b"]["ready"] is None  # produce only: the name, not the counts
     assert rows["orders.a"]["dead_to"] == []  # elsewhere.dead is not the token's to see
     assert scoped["channels_total"] == 2
-    assert scoped["topics"] == [
-        {"name": "orders.t", "subscriptions": [{**scoped["topics"][0]["subscriptions"][0]}]}
-    ]
+    # Topics as /topics lists them; a subscription only where the token reads the channel.
+    assert [t["name"] for t in scoped["topics"]] == ["orders.t", "x.t"]
+    assert scoped["topics"][1]["subscriptions"] == []
     (subscription,) = scoped["topics"][0]["subscriptions"]
     assert subscription["channel"] == "orders.a"
     assert subscription["dead"] is None
     assert scoped["server"]["database"] is None
+    assert scoped["server"]["pid"] is None  # process details: read:* only, as /stats
+    assert scoped["server"]["uptime"] is None
     assert scoped["server"]["counters"] is None
     assert scoped["server"]["waiters"] is None
     assert scoped["scopes"]["read"] == ["orders.*"]
@@ -265,3 +276,130 @@ async def test_overview_with_auth_shows_what_the_token_may_read(
     nothing = await _overview(client, await _token(client, "consume:none.*"))
     assert nothing["channels"] == []
     assert nothing["topics"] == []
+
+
+async def test_dotted_channel_names_round_trip_percent_encoded(client: Client) -> None:
+    """``.`` and ``..`` reach the server as %2E: the page cannot send them (browsers fold
+    those segments even encoded), curl --path-as-is and the clients can."""
+    for name, path in ((".", "%2E"), ("..", "%2E%2E")):
+        assert (await client.post(raw(f"/channels/{path}"), data=b"x")).status == 202
+        stats = await client.get(raw(f"/channels/{path}/stats"))
+        assert (await stats.json())["ready"] == 1, name
+    rows = {row["name"]: row for row in (await _overview(client))["channels"]}
+    assert rows["."]["ready"] == rows[".."]["ready"] == 1
+
+
+async def test_overview_details_need_read_on_each_channel(make_client: ClientFactory) -> None:
+    client = await make_client(auth=True)
+    admin = await _token(client, "admin:*")
+    for body in ("d", "e"):
+        added = await client.post("/channels/jobs?dead=jobs.dead", data=body, headers=admin)
+        assert added.status == 202
+    received = await client.get("/channels/jobs/messages?n=2&nowait", headers=admin)
+    leases = [m["lease"] for m in (await received.json())["messages"]]
+    assert (await client.post("/messages/reject", json={"leases": leases}, headers=admin)).ok
+    assert (await client.post("/channels/jobs?dead=jobs.dead", headers=admin, data="f")).ok
+    path = "/channels/audit/topics/jobs.t?dead=jobs.dead"
+    assert (await client.put(path, headers=admin)).status == 204
+
+    both = await _overview(client, await _token(client, "read:jobs*", "read:audit"))
+    rows = {row["name"]: row for row in both["channels"]}
+    assert rows["jobs.dead"]["dead_from"] == ["audit", "jobs"]
+    assert rows["jobs"]["dead_to"] == ["jobs.dead"]
+    assert rows["audit"]["dead_to"] == ["jobs.dead"]
+    assert both["topics"][0]["subscriptions"][0]["dead"] == "jobs.dead"
+
+    # Reads the dead channel, only consumes its origin: the origin's name, nothing else.
+    dead_only = await _overview(client, await _token(client, "read:jobs.dead", "consume:jobs"))
+    rows = {row["name"]: row for row in dead_only["channels"]}
+    assert rows["jobs.dead"]["ready"] == 2
+    assert rows["jobs.dead"]["dead_from"] == []  # jobs may not be read: not said
+    assert rows["jobs"] == {
+        "name": "jobs",
+        **dict.fromkeys(("ready", "hidden", "delayed", "oldest_ready_age")),
+        "dead_from": [],
+        "dead_to": [],
+    }
+    # Reads the origin, may only produce into the dead channel: no counts, no links there.
+    origin = await _overview(client, await _token(client, "read:audit", "produce:jobs.dead"))
+    rows = {row["name"]: row for row in origin["channels"]}
+    assert rows["jobs.dead"]["ready"] is None
+    assert rows["jobs.dead"]["dead_from"] == []
+    assert rows["audit"]["dead_to"] == []
+    assert origin["topics"] == []  # topic jobs.t is not the token's
+
+
+async def test_a_scoped_token_sees_its_topics_past_a_thousand_others(
+    make_client: ClientFactory,
+) -> None:
+    client = await make_client(auth=True)
+    others = [
+        {"topic": f"a.{i:04}", "channel": "c", "priority": 0, "timeout": 30, "deliver": 0}
+        | {"linger": 0, "delay": 0, "dead": None}
+        for i in range(ui.SUBSCRIPTIONS_SHOWN + 1)
+    ]
+    async with connection(client) as conn:
+        await conn.execute(db.subscriptions.insert(), others)
+    admin = await _token(client, "admin:*")
+    assert (await client.put("/channels/z.c/topics/z.t", headers=admin)).status == 204
+    everything = await _overview(client, admin)
+    assert everything["subscriptions_truncated"] is True
+    assert "z.t" not in {t["name"] for t in everything["topics"]}
+
+    # Listed as /topics lists it (consume on the topic is enough); the subscription's
+    # options with read on its channel.
+    mine = await _overview(client, await _token(client, "consume:z.t", "read:z.c"))
+    assert mine["subscriptions_truncated"] is False
+    listing = await client.get("/topics", headers=await _token(client, "consume:z.t"))
+    assert (await listing.json())["topics"] == ["z.t"]
+    assert [t["name"] for t in mine["topics"]] == ["z.t"]
+    assert [s["channel"] for s in mine["topics"][0]["subscriptions"]] == ["z.c"]
+
+
+async def test_overview_reads_are_shared_one_at_a_time_and_bounded_in_time(
+    make_client: ClientFactory, monkeypatch: Any
+) -> None:
+    client = await make_client()
+    await add(client, "orders")
+    storage = client.app[BROKER].storage
+    running, most, calls = 0, 0, []
+
+    def counted(name: str, read: Any) -> Any:
+        async def wrapper(*args: Any) -> Any:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            calls.append(name)
+            try:
+                await asyncio.sleep(delay)
+                return await read(*args)
+            finally:
+                running -= 1
+
+        return wrapper
+
+    delay = 0.0
+    monkeypatch.setattr(ui, "_ON_LOOP", 0)  # the thread paths, as with many names
+    monkeypatch.setattr(storage.overview, "depths", counted("depths", storage.overview.depths))
+    monkeypatch.setattr(
+        storage.overview, "list_channels", counted("list", storage.overview.list_channels)
+    )
+    monkeypatch.setattr(
+        dashboard, "list_subscriptions", counted("subs", dashboard.list_subscriptions)
+    )
+    monkeypatch.setattr(dashboard, "dead_links", counted("links", dashboard.dead_links))
+    answers = await asyncio.gather(*(_overview(client) for _ in range(10)))
+    assert all(a["channels"][0]["ready"] == 1 for a in answers)
+    assert sorted(calls) == ["depths", "links", "list", "subs"]  # once for all ten
+    assert most == 1  # one after the other: one pooled connection at a time
+    await _overview(client)
+    assert len(calls) == 4  # still fresh
+
+    monkeypatch.setattr(ui, "OVERVIEW_TTL", 0.0)
+    monkeypatch.setattr(ui, "OVERVIEW_TIMEOUT", 0.05)
+    delay = 0.1
+    slow = await client.get("/overview")
+    await error(slow, 503)
+    assert slow.headers["Retry-After"] == "1"
+    async with Probe(client, "/health"):  # the loop stays free meanwhile
+        await asyncio.sleep(0.5)

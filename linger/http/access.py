@@ -20,6 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import hdrs, web
 
@@ -35,11 +36,26 @@ GUARD = web.AppKey("guard", Authenticator)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple)
 GRANT = web.RequestKey("grant", Grant)
 VERDICT = web.RequestKey("verdict", Verdict)
+# The dashboard's assets (linger/http/ui.py serves these files and no other), by suffix.
+UI_DIR = Path(__file__).parent / "ui"
+UI_TYPES = {
+    ".html": "text/html",
+    ".css": "text/css",
+    ".js": "text/javascript",
+    ".svg": "image/svg+xml",
+}
+
+
+def ui_files() -> list[Path]:
+    """The dashboard's asset files, by name."""
+    return [path for path in sorted(UI_DIR.iterdir()) if path.suffix in UI_TYPES]
+
+
 # Open to anyone, whatever the method (a HEAD is 405, not 401). The dashboard's page and
-# assets (linger/http/ui/) too: the page asks for a token and reads with it.
+# every asset it is served with too (derived from the files: a new one needs no token):
+# the page asks for a token and reads with it.
 OPEN_PATHS = frozenset(
-    {"/health", "/ready", "/ui", "/ui/"}
-    | {f"/ui/{asset}" for asset in ("index.html", "app.js", "style.css", "favicon.svg")}
+    {"/health", "/ready", "/ui", "/ui/"} | {f"/ui/{path.name}" for path in ui_files()}
 )
 # Names a listing filters on the event loop; more are filtered in a thread.
 _LISTED_ON_LOOP = 1000

@@ -11,36 +11,33 @@ import asyncio
 import os
 import socket
 import time
+import weakref
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from linger import __version__
-from linger.auth.scopes import Grant
+from linger.auth.scopes import LISTED, Grant, Patterns
 from linger.http import access
 from linger.http.keys import LISTENER, SERVER_ID, SETTINGS, STARTED, broker_of
+from linger.http.metrics import SCRAPE_TIMEOUT
+from linger.http.responses import error_response
 from linger.store import dashboard
 from linger.store.records import Depth
 
-ASSETS_DIR = Path(__file__).parent / "ui"
 PAGE = "index.html"
-_TYPES = {
-    ".html": "text/html",
-    ".css": "text/css",
-    ".js": "text/javascript",
-    ".svg": "image/svg+xml",
-}
-# Read once: only these names are ever served, so no path can reach another file.
+# Read once: only these names are ever served, so no path can reach another file. They
+# are the files access.OPEN_PATHS opens, by the same rule (access.UI_TYPES).
 ASSETS: dict[str, tuple[bytes, str]] = {
-    path.name: (path.read_bytes(), _TYPES[path.suffix])
-    for path in sorted(ASSETS_DIR.iterdir())
-    if path.suffix in _TYPES
+    path.name: (path.read_bytes(), access.UI_TYPES[path.suffix]) for path in access.ui_files()
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
         "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
         "frame-ancestors 'none'"
     ),
@@ -52,6 +49,14 @@ SECURITY_HEADERS = {
 # Subscriptions the overview lists at most.
 SUBSCRIPTIONS_SHOWN = 1000
 # The process counters the page turns into rates and totals.
+# The overview's reads are shared for this long by every tab and client of a process.
+OVERVIEW_TTL = 1.0
+# An overview not read by then is a 503 (Retry-After), as /metrics gives up on a scrape.
+OVERVIEW_TIMEOUT = SCRAPE_TIMEOUT
+# Names filtered or sorted on the event loop; more are in a thread.
+_ON_LOOP = 1000
+# Scoped tokens whose subscriptions are kept (each its own statement, once a second).
+_SCOPED_KEPT = 64
 COUNTERS = ("msg-add", "delivered", "msg-delete", "msg-dead", "msg-redriven", "publish")
 SCOPED_ACTIONS = ("read", "consume", "manage", "produce")
 
@@ -72,42 +77,195 @@ async def get_ui_asset(request: web.Request) -> web.Response:
     """A static asset of the page (``/ui/`` itself is the page)."""
     name = request.match_info["asset"] or PAGE
     if name not in ASSETS:
-        raise web.HTTPNotFound()
+        return error_response(404, "Not Found", SECURITY_HEADERS)
     return _asset(name)
 
 
 async def get_overview(request: web.Request) -> web.Response:
-    """Every channel (up to ``--metrics-channels``) with its counts and dead-letter links,
-    the topics with each subscription's options, and this process; names filtered as
-    the listings are, counts shown where the token may read."""
-    settings = request.app[SETTINGS]
-    storage = broker_of(request).storage
-    limit = settings.metrics_channels
-    depths, names, subscriptions, links = await asyncio.gather(
-        storage.overview.depths(limit),
-        storage.overview.list_channels(),
-        dashboard.list_subscriptions(storage.driver, SUBSCRIPTIONS_SHOWN + 1),
-        dashboard.dead_links(storage.driver, limit),
-    )
-    truncated = len(subscriptions) > SUBSCRIPTIONS_SHOWN
-    subscriptions = subscriptions[:SUBSCRIPTIONS_SHOWN]
-    links |= {(s.channel, s.options.dead) for s in subscriptions if s.options.dead}
-    known = {*names, *(d.channel for d in depths)}
-    mentioned = {name for link in links for name in link}
-    listed = set(await access.listed(request, sorted(known | mentioned)))
+    """Every channel (the deepest ``--metrics-channels`` of them at most) with its counts
+    and dead-letter links, the topics with each subscription's options, and this process.
+    The reads are shared by every request for ``OVERVIEW_TTL`` seconds (one at a time, in
+    turn); each token's view of them is filtered afterwards: names as the listings show
+    them, every detail of a channel only where the token may read it."""
     grant: Grant | None = request.get(access.GRANT)
+    cache = _cache(request.app)
+    try:
+        async with asyncio.timeout(OVERVIEW_TIMEOUT):
+            snapshot = await cache.snapshot(request)
+            subscriptions: Sequence[dashboard.Subscription] = snapshot.subscriptions
+            truncated = snapshot.truncated
+            topics = _listed_patterns(grant)
+            if topics is not None:
+                subscriptions, truncated = await cache.scoped(request, topics)
+    except TimeoutError:
+        return error_response(503, "The overview took too long to read.", {"Retry-After": "1"})
+    view = partial(_view, snapshot, subscriptions, grant)
+    large = len(snapshot.names) > _ON_LOOP or len(subscriptions) > _ON_LOOP
+    channels, total, topic_rows = await asyncio.to_thread(view) if large else view()
     return web.json_response(
         {
             "server": _server(request, grant),
             "scopes": None if grant is None else _scopes(grant),
-            "channels": _channels(
-                depths, known & listed, listed, links, grant, storage.now(), limit
-            ),
-            "channels_total": len(known & listed),
-            "topics": _topics(subscriptions, listed, grant),
+            "channels": channels,
+            "channels_total": total,
+            "topics": topic_rows,
             "subscriptions_truncated": truncated,
         }
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the overview read, for every token alike."""
+
+    at: float  # monotonic seconds
+    now: int  # the storage clock, for ages
+    depths: dict[str, Depth]  # the deepest ``limit`` channels
+    complete: bool  # every channel with messages is in ``depths``
+    names: tuple[str, ...]  # every channel known, sorted
+    feeds: dict[str, frozenset[str]]  # channel -> its dead channels
+    fed_by: dict[str, frozenset[str]]  # dead channel -> the channels it takes from
+    subscriptions: tuple[dashboard.Subscription, ...]
+    truncated: bool
+    limit: int
+
+
+class _Cache:
+    """One process's overview reads: at most one in flight, reused for ``OVERVIEW_TTL``."""
+
+    def __init__(self) -> None:
+        self.current: Snapshot | None = None
+        self.pending: asyncio.Task[Snapshot] | None = None
+        # A scoped token's subscriptions, by its listed patterns (at most _SCOPED_KEPT).
+        self.by_scope: dict[tuple[str, ...], tuple[float, list[dashboard.Subscription], bool]]
+        self.by_scope = {}
+
+    async def snapshot(self, request: web.Request) -> Snapshot:
+        current = self.current
+        if current is not None and time.monotonic() - current.at < OVERVIEW_TTL:
+            return current
+        if self.pending is None:
+            self.pending = asyncio.create_task(_read(request))
+            self.pending.add_done_callback(self._done)
+        return await asyncio.shield(self.pending)
+
+    def _done(self, task: asyncio.Task[Snapshot]) -> None:
+        self.pending = None
+        if not task.cancelled() and task.exception() is None:
+            self.current = task.result()
+
+    async def scoped(
+        self, request: web.Request, topics: Patterns
+    ) -> tuple[list[dashboard.Subscription], bool]:
+        """The first subscriptions of the topics ``topics`` match: filtered in the
+        statement, before its limit, so a token sees its own however many others."""
+        kept = self.by_scope.get(topics.globs)
+        if kept is not None and time.monotonic() - kept[0] < OVERVIEW_TTL:
+            return kept[1], kept[2]
+        driver = broker_of(request).storage.driver
+        rows = await dashboard.list_subscriptions(driver, SUBSCRIPTIONS_SHOWN + 1, topics)
+        truncated = len(rows) > SUBSCRIPTIONS_SHOWN
+        if len(self.by_scope) >= _SCOPED_KEPT:
+            self.by_scope.clear()
+        self.by_scope[topics.globs] = (time.monotonic(), rows[:SUBSCRIPTIONS_SHOWN], truncated)
+        return rows[:SUBSCRIPTIONS_SHOWN], truncated
+
+
+_CACHES: weakref.WeakKeyDictionary[web.Application, _Cache] = weakref.WeakKeyDictionary()
+
+
+def _cache(app: web.Application) -> _Cache:
+    cache = _CACHES.get(app)
+    if cache is None:
+        cache = _CACHES[app] = _Cache()
+    return cache
+
+
+async def _read(request: web.Request) -> Snapshot:
+    """The overview's reads, one after the other (one pooled connection at a time)."""
+    storage = broker_of(request).storage
+    limit = request.app[SETTINGS].metrics_channels
+    depths = await storage.overview.depths(limit)
+    names = await storage.overview.list_channels()
+    subscriptions = await dashboard.list_subscriptions(storage.driver, SUBSCRIPTIONS_SHOWN + 1)
+    links = await dashboard.dead_links(storage.driver, limit)
+    build = partial(_snapshot, storage.now(), depths, names, subscriptions, links, limit)
+    return await asyncio.to_thread(build) if len(names) > _ON_LOOP else build()
+
+
+def _snapshot(
+    now: int,
+    depths: list[Depth],
+    names: list[str],
+    subscriptions: list[dashboard.Subscription],
+    links: set[tuple[str, str]],
+    limit: int,
+) -> Snapshot:
+    truncated = len(subscriptions) > SUBSCRIPTIONS_SHOWN
+    subscriptions = subscriptions[:SUBSCRIPTIONS_SHOWN]
+    links |= {(s.channel, s.options.dead) for s in subscriptions if s.options.dead}
+    feeds: dict[str, set[str]] = defaultdict(set)
+    fed_by: dict[str, set[str]] = defaultdict(set)
+    for channel, dead in links:
+        feeds[channel].add(dead)
+        fed_by[dead].add(channel)
+    known = {*names, *(d.channel for d in depths)}
+    return Snapshot(
+        at=time.monotonic(),
+        now=now,
+        depths={d.channel: d for d in depths},
+        complete=len(depths) < limit,
+        names=tuple(sorted(known)),
+        feeds={name: frozenset(dead) for name, dead in feeds.items()},
+        fed_by={name: frozenset(origins) for name, origins in fed_by.items()},
+        subscriptions=tuple(subscriptions),
+        truncated=truncated,
+        limit=limit,
+    )
+
+
+def _listed_patterns(grant: Grant | None) -> Patterns | None:
+    """The patterns of the names a listing shows the token; None: every name."""
+    if grant is None or grant.lists_everything:
+        return None
+    globs = (g for action in LISTED for g in grant.patterns(action).globs)
+    return Patterns(tuple(dict.fromkeys(globs)))
+
+
+def _view(
+    snapshot: Snapshot,
+    subscriptions: Iterable[dashboard.Subscription],
+    grant: Grant | None,
+) -> tuple[list[dict[str, Any]], int, list[dict[str, Any]]]:
+    """The token's rows: channels, how many it may see, topics."""
+
+    def lists(name: str) -> bool:
+        return grant is None or grant.lists(name)
+
+    def reads(name: str) -> bool:
+        return grant is None or grant.allows("read", name)
+
+    listed = [name for name in snapshot.names if lists(name)]
+    # The deepest first when there are too many (past them the counts are not read).
+    shown = [name for name in listed if name in snapshot.depths][: snapshot.limit]
+    if len(shown) < snapshot.limit:
+        shown += [n for n in listed if n not in snapshot.depths][: snapshot.limit - len(shown)]
+    rows = []
+    for name in sorted(shown):
+        readable = reads(name)
+        rows.append(
+            {
+                "name": name,
+                **_counts(snapshot.depths.get(name), snapshot, readable),
+                # Which channel's messages die where: the channel's own detail, and the
+                # other end's name only where the token may read that one too.
+                "dead_from": sorted(filter(reads, snapshot.fed_by.get(name, ())))
+                if readable
+                else [],
+                "dead_to": sorted(filter(reads, snapshot.feeds.get(name, ()))) if readable else [],
+            }
+        )
+    return rows, len(listed), _topics(subscriptions, lists, reads)
 
 
 def _server(request: web.Request, grant: Grant | None) -> dict[str, Any]:
@@ -117,13 +275,14 @@ def _server(request: web.Request, grant: Grant | None) -> dict[str, Any]:
         "id": app[SERVER_ID],
         "version": __version__,
         "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "uptime": int(time.time() - app[STARTED]),
-        # Server-wide figures name no channel but count them all: read:* only.
+        # Process details and server-wide figures name no channel but concern them all:
+        # read:* only, as /stats.
+        "pid": os.getpid() if everything else None,
+        "uptime": int(time.time() - app[STARTED]) if everything else None,
         "database": settings.db_display if everything else None,
         "waiters": broker.notifier.asleep() if everything else None,
         "counters": {name: broker.counters[name] for name in COUNTERS} if everything else None,
-        "listener": app[LISTENER].connected.is_set() if LISTENER in app else None,
+        "listener": app[LISTENER].connected.is_set() if everything and LISTENER in app else None,
         "auth": settings.auth,
     }
 
@@ -134,61 +293,35 @@ def _scopes(grant: Grant) -> dict[str, list[str]]:
     return {action: list(grant.patterns(action).globs) for action in SCOPED_ACTIONS}
 
 
-def _channels(
-    depths: list[Depth],
-    channels: set[str],
-    listed: set[str],
-    links: set[tuple[str, str]],
-    grant: Grant | None,
-    now: int,
-    limit: int,
-) -> list[dict[str, Any]]:
-    """Rows of ``channels`` (the deepest first when there are too many), by name."""
-    feeds: dict[str, set[str]] = defaultdict(set)
-    fed_by: dict[str, set[str]] = defaultdict(set)
-    for channel, dead in links:
-        feeds[channel].add(dead)
-        fed_by[dead].add(channel)
-    by_name = {d.channel: d for d in depths}
-    # Past the deepest ``limit`` channels the counts are not read: shown as unknown.
-    complete = len(depths) < limit
-    shown = sorted(channels, key=lambda name: (name not in by_name, name))[:limit]
-    rows = []
-    for name in sorted(shown):
-        readable = grant is None or grant.allows("read", name)
-        rows.append(
-            {
-                "name": name,
-                **_counts(by_name.get(name), complete and readable, now, readable),
-                "dead_from": sorted(fed_by[name] & listed),
-                "dead_to": sorted(feeds[name] & listed),
-            }
-        )
-    return rows
-
-
 _COUNTS = ("ready", "hidden", "delayed", "oldest_ready_age")
 
 
-def _counts(depth: Depth | None, empty: bool, now: int, readable: bool) -> dict[str, int | None]:
+def _counts(depth: Depth | None, snapshot: Snapshot, readable: bool) -> dict[str, int | None]:
     """A channel's counts: its depth's; zeros when it has none and every channel with
-    messages was read (``empty``); else unknown (None), as when it may not be read."""
-    if depth is None or not readable:
-        return dict.fromkeys(_COUNTS, 0 if empty else None)
+    messages was read; else unknown (None), as when the token may not read it."""
+    if not readable:
+        return dict.fromkeys(_COUNTS, None)
+    if depth is None:
+        return dict.fromkeys(_COUNTS, 0 if snapshot.complete else None)
     oldest = depth.oldest_ready
-    age = 0 if oldest is None else max(0, now - oldest) // 1000
+    age = 0 if oldest is None else max(0, snapshot.now - oldest) // 1000
     return dict(zip(_COUNTS, (depth.ready, depth.hidden, depth.delayed, age), strict=True))
 
 
 def _topics(
-    subscriptions: list[dashboard.Subscription], listed: set[str], grant: Grant | None
+    subscriptions: Iterable[dashboard.Subscription],
+    lists: Callable[[str], bool],
+    reads: Callable[[str], bool],
 ) -> list[dict[str, Any]]:
+    """Topics as ``/topics`` lists them (the token may read, consume or produce the
+    topic); under each, the subscriptions of channels the token may read, with their
+    options (a dead channel named only where it may read that one too)."""
     topics: dict[str, list[dict[str, Any]]] = {}
     for sub in subscriptions:
-        if grant is not None and not grant.allows("read", sub.topic):
+        if not lists(sub.topic):
             continue
         entries = topics.setdefault(sub.topic, [])
-        if sub.channel not in listed:
+        if not reads(sub.channel):
             continue
         options = sub.options
         entries.append(
@@ -199,7 +332,7 @@ def _topics(
                 "deliver": options.deliver,
                 "linger": options.linger,
                 "delay": options.delay,
-                "dead": options.dead if options.dead in listed else None,
+                "dead": options.dead if options.dead and reads(options.dead) else None,
             }
         )
     return [{"name": name, "subscriptions": subs} for name, subs in topics.items()]

@@ -10,11 +10,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from linger.auth.scopes import Patterns
 from linger.store.db import channels, messages, subscriptions
 from linger.store.driver import Driver, Row, single
 from linger.store.ledger import Tally
 from linger.store.records import Options
-from linger.store.sql import param, queued
+from linger.store.sql import param, patterns, permitted, queued
 
 m = messages
 s = subscriptions
@@ -27,14 +28,18 @@ class Subscription:
     options: Options
 
 
-def _subscriptions_stmt() -> sa.Select[Any]:
-    """Up to :limit subscriptions with their options, by topic and channel."""
-    return (
+def _subscriptions_stmt(*, scoped: bool, postgres: bool) -> sa.Select[Any]:
+    """Up to :limit subscriptions with their options, by topic and channel; ``scoped``:
+    of the topics that match the :patterns only (filtered before the limit)."""
+    stmt = (
         sa.select(s.c.topic, s.c.channel, s.c.priority, s.c.timeout, s.c.deliver)
         .add_columns(s.c.linger, s.c.delay, s.c.dead)
         .order_by(s.c.topic, s.c.channel)
         .limit(param("limit"))
     )
+    if scoped:
+        stmt = stmt.where(permitted(postgres=postgres, table=s, column="topic"))
+    return stmt
 
 
 def _heads_stmt() -> sa.Select[Any]:
@@ -65,10 +70,17 @@ def _heads_stmt() -> sa.Select[Any]:
     )
 
 
-async def list_subscriptions(driver: Driver[Tally], limit: int) -> list[Subscription]:
-    """Up to ``limit`` subscriptions, by topic and channel."""
-    stmt = driver.prepare(_subscriptions_stmt())
-    rows = await driver.read(partial(single, stmt, {"limit": limit}))
+async def list_subscriptions(
+    driver: Driver[Tally], limit: int, topics: Patterns | None = None
+) -> list[Subscription]:
+    """Up to ``limit`` subscriptions, by topic and channel; with ``topics``, of the topics
+    those patterns match only (the first ``limit`` of those, not of every topic)."""
+    postgres = driver.postgres
+    stmt = driver.prepare(_subscriptions_stmt(scoped=topics is not None, postgres=postgres))
+    values: dict[str, Any] = {"limit": limit}
+    if topics is not None:
+        values["patterns"] = patterns(topics, postgres=postgres)
+    rows = await driver.read(partial(single, stmt, values))
     return [_subscription(row) for row in rows]
 
 
