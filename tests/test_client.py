@@ -23,6 +23,7 @@ from linger.client import (
     ChannelDetail,
     ChannelFull,
     ChannelStats,
+    ClientClosed,
     Conflict,
     ConnectionFailed,
     InvalidResponse,
@@ -713,3 +714,32 @@ async def test_a_peeked_message_cannot_be_acted_on_and_a_bare_id_still_can(
         assert await client.channel_stats("peeked") == ChannelStats(1, 0)
         await client.delete(peeked.id)
         assert await client.channel_stats("peeked") == ChannelStats(0, 0)
+
+
+@pytest.mark.sqlite
+def test_header_names_decode_only_what_the_server_encodes_and_retry_after_0_backs_off() -> None:
+    from linger.client.messages import header_name
+
+    assert header_name("caf%C3%A9") == "café"
+    assert header_name("100%41") == "100%41"  # sent as it is: a name's own "%41"
+    assert header_name("caf%C3%A9%41") == "café%41"
+    assert header_name("bad%FF") == "bad%FF"
+    assert Retry(base=1.0, cap=1.0).delay(3, 0.0) is not None
+    delays = {Retry(base=1.0, cap=1.0).delay(0, 0.0) for _ in range(20)}
+    assert all(d is not None and 0 <= d <= 1.0 for d in delays)
+    assert len(delays) > 1
+
+
+@pytest.mark.sqlite
+async def test_an_async_client_refuses_another_event_loop(make_client: ClientFactory) -> None:
+    server = await make_client()
+    async with linger(server) as client:
+        assert await client.health()
+
+        async def elsewhere() -> bool:
+            return await client.health()
+
+        with pytest.raises(ClientClosed, match="another event loop"):
+            await asyncio.to_thread(asyncio.run, elsewhere())
+    with pytest.raises(ClientClosed, match="closed"):
+        await client.health()

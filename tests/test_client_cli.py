@@ -335,3 +335,20 @@ def test_closing_a_blocking_client_ends_the_calls_other_threads_wait_on(live: Li
     assert isinstance(error, LingerError)
     with pytest.raises(ClientClosed):
         blocking.channels()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full")
+def test_recv_past_the_servers_batch_size_onto_a_full_disk(live: Live, client: Client) -> None:
+    """-n 1200 --batch 1200 against --max-batch 1000: the receives halve (the messages are
+    received), then standard output cannot be written: one line, exit 1."""
+    for start in (0, 600):
+        client.add_many("many", [f"m{n}" for n in range(start, start + 600)])
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "linger", "recv", "many", "-n", "1200", "--batch", "1200"],
+            stdout=full, stderr=subprocess.PIPE, env=live.env(), timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == b"linger recv: No space left on device\n"
+    assert client.channel_stats("many") == ChannelStats(600, 600)
+    client.drain("many")

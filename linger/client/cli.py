@@ -15,7 +15,7 @@ from typing import IO, Any, NoReturn
 
 from linger.client import progress
 from linger.client.aio import AsyncClient
-from linger.client.errors import LingerError
+from linger.client.errors import BadRequest, LingerError
 from linger.client.messages import ChannelDetail, Item, Message
 from linger.client.transport import DEFAULT_URL
 
@@ -237,22 +237,29 @@ def _write(messages: list[Message], as_json: bool) -> None:
 
 
 async def _recv(client: AsyncClient, args: argparse.Namespace) -> int:
-    remaining, wait, got = args.n, args.wait, 0
+    remaining, wait, got, undeleted, size = args.n, args.wait, 0, 0, args.batch
     while remaining > 0:
         if args.n == 1:
             single = await client.receive(args.channel, wait=wait, nowait=not wait)
             received = [] if single is None else [single]
         else:
-            count = min(remaining, args.batch)
-            received = await client.receive_many(args.channel, count, wait=wait, nowait=not wait)
+            count = min(remaining, size)
+            try:
+                received = await client.receive_many(
+                    args.channel, count, wait=wait, nowait=not wait
+                )
+            except BadRequest as error:  # above the server's --max-batch: fewer a request
+                if error.text != "Invalid batch size." or count == 1:
+                    raise
+                size = count // 2
+                continue
         if not received:
             break
         _write(received, args.json)
         if args.ack:
             outcome = await client.delete_many(received)
             if len(outcome.done) < len(received):
-                print(f"{len(received) - len(outcome.done)} leases were stale: not deleted",
-                      file=sys.stderr)  # fmt: skip
+                undeleted += len(received) - len(outcome.done)
         got += len(received)
         remaining -= len(received)
         wait = 0.0  # after the first: what is ready now
@@ -261,6 +268,13 @@ async def _recv(client: AsyncClient, args: argparse.Namespace) -> int:
             f"{got} received, not acknowledged: they come back after their visibility timeout",
             file=sys.stderr,
         )
+    if undeleted:
+        print(
+            f"{undeleted} of the {got} printed were not deleted: their leases were stale "
+            "(delivered again, or their visibility timeout ran out)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -415,5 +429,11 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(130)
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         sys.stderr.close()
+        os._exit(1)
+    except OSError as error:  # standard output cannot be written (a full disk), say
+        text = error.strerror or str(error)
+        print(f"{prog}: {error.filename}: {text}" if error.filename else f"{prog}: {text}",
+              file=sys.stderr)  # fmt: skip
+        sys.stderr.flush()
         os._exit(1)
     sys.exit(code)

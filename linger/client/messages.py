@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -131,16 +132,27 @@ class Item:
         return shown
 
 
+# What the server percent-encodes in a header: the UTF-8 bytes of what is not printable
+# ASCII (a name's own "%41" is sent as it is). A run of encoded bytes above 0x7F.
+_ENCODED = re.compile(r"(?:%[89A-Fa-f][0-9A-Fa-f])+")
+
+
+def _decoded(run: re.Match[str]) -> str:
+    try:
+        return unquote(run.group(0), errors="strict")
+    except UnicodeDecodeError:
+        return run.group(0)
+
+
 def header_name(value: str | None) -> str | None:
-    """A channel or topic name as a header carries it: written percent-encoded when it is
-    not ASCII, verbatim otherwise."""
+    """A channel or topic name as a header carries it: its characters outside printable
+    ASCII percent-encoded as UTF-8, the rest verbatim (a ``%`` included), so that only
+    the encoded UTF-8 sequences are decoded. A name that itself holds such a sequence
+    (``%C3%A9``) cannot be told from an encoded one: batch receives and peeks carry names
+    exactly."""
     if value is None or "%" not in value:
         return value
-    try:
-        decoded = unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        return value
-    return value if decoded.isascii() else decoded
+    return _ENCODED.sub(_decoded, value)
 
 
 def _integer(value: object, what: str) -> int:

@@ -13,8 +13,8 @@ from email.utils import parsedate_to_datetime
 class Retry:
     """``attempts`` tries in all (1: never again). Before try k+1 the client sleeps a
     random time between 0 and ``min(cap, base * 2**k)`` seconds (full jitter), or what the
-    server's Retry-After says; a Retry-After longer than ``longest`` is not waited for:
-    the error is raised at once."""
+    server's Retry-After says (a Retry-After of 0 gets the backoff all the same); a
+    Retry-After longer than ``longest`` is not waited for: the error is raised at once."""
 
     attempts: int = 5
     base: float = 0.1
@@ -26,7 +26,7 @@ class Retry:
         there is to be no further try."""
         if attempt + 1 >= self.attempts:
             return None
-        if retry_after is not None:
+        if retry_after is not None and retry_after > 0:
             return retry_after if retry_after <= self.longest else None
         return random.uniform(0, min(self.cap, self.base * 2**attempt))
 

@@ -168,6 +168,8 @@ class Transport:
             if task is not current:
                 task.cancel()
         sessions, self._sessions = list(self._sessions.values()), {}
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            return  # their loop is gone with their connections: nothing to close here
         for session in sessions:
             await session.close()
 
