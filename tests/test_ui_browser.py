@@ -196,6 +196,14 @@ async def test_dashboard_in_a_browser(
         assert await api.counts("jobs") == ["2", "0", "0"]
         until(browser, lambda b: not b.find_elements(By.CSS_SELECTOR, peeked), "an empty peek")
 
+        # "5-" in How many is no number (badInput, value ""): an error, not "all".
+        redrive_form = browser.find_element(By.ID, "redrive-form")
+        redrive_form.find_element(By.NAME, "n").send_keys("5-")
+        browser.find_element(By.ID, "redrive-button").click()
+        until(browser, lambda b: "whole number" in result.text, "the refusal")
+        assert dialog.get_attribute("open") is None
+        redrive_form.find_element(By.NAME, "n").clear()
+
         # A phone's width: nothing wider than the screen.
         browser.set_window_size(390, 844)
         try:
@@ -206,11 +214,23 @@ async def test_dashboard_in_a_browser(
         finally:
             browser.set_window_size(1280, 900)
 
+        await api.call("POST", "/channels/%2E%2E", data="dots")  # for the end
+
         # Back to the overview: the dead letters are where they came from.
         browser.find_element(By.LINK_TEXT, "← Overview").click()
         until(browser, lambda b: _cells(b).get("jobs") == ["2", "0", "0"], "the redriven")
         assert "jobs.dead" not in _cells(browser)  # empty now: channels come and go
         browser.save_screenshot(str(shots / "dashboard-overview.png"))
+
+        # A channel named "..": browsers fold it out of any URL path, %2E%2E included, so
+        # its page says so and reads nothing (it would read /stats and /topics instead).
+        assert _cells(browser).get("..") == ["1", "0", "0"]
+        browser.find_element(By.CSS_SELECTOR, '#channels tr[data-channel=".."] a').click()
+        note = browser.find_element(By.ID, "channel-note")
+        until(browser, lambda b: "cannot be read from this page" in note.text, "the note")
+        assert not browser.find_element(By.ID, "actions").is_displayed()
+        assert browser.find_element(By.ID, "channel-stats").text == ""
+        assert browser.find_element(By.ID, "channel-name").text == ".."
 
     await _read_only_token(browser, servers, tmp_path)
 
@@ -246,3 +266,23 @@ async def _read_only_token(browser: WebDriver, servers: list[Server], tmp_path: 
     assert browser.execute_script("return sessionStorage.getItem('linger.token')") == reader
     assert reader not in browser.current_url
     _no_alert(browser)
+
+    # Forgetting the token leaves nothing it read on the page.
+    browser.find_element(By.ID, "token-button").click()
+    until(browser, lambda b: dialog.get_attribute("open") is not None, "the token dialog")
+    browser.find_element(By.ID, "token-forget").click()
+    until(browser, lambda b: dialog.get_attribute("open") is not None, "asked again")
+    assert stats.text == ""
+    assert browser.execute_script("return sessionStorage.getItem('linger.token')") is None
+
+    # A refused token is dropped, and the overview the last one had shown cleared.
+    browser.find_element(By.ID, "token-input").send_keys(reader + Keys.ENTER)
+    browser.get(server.base + "/ui#/")
+    until(browser, lambda b: "orders" in _cells(b), "the overview")
+    browser.find_element(By.ID, "token-button").click()
+    browser.find_element(By.ID, "token-input").send_keys("refused" + Keys.ENTER)
+    why = browser.find_element(By.ID, "token-why")
+    until(browser, lambda b: "refused this token" in why.text, "the refusal")
+    assert browser.execute_script("return sessionStorage.getItem('linger.token')") is None
+    assert _cells(browser) == {}
+    assert browser.find_element(By.ID, "server").text == ""

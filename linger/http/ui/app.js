@@ -31,6 +31,8 @@
     peekRows: new Map(STATES.map((s) => [s, new Map()])),
     topicsKey: "",
     view: null,
+    total: undefined, // the open channel's message count; undefined: not known
+    busy: false, // an action's request is running: its buttons are disabled
   };
 
   class HttpError extends Error {
@@ -94,6 +96,13 @@
       /[!'()*]/g,
       (c) => "%" + c.charCodeAt(0).toString(16).toUpperCase(),
     );
+  }
+
+  // "." and ".." cannot be a path segment of a request the browser sends: it folds them
+  // (percent-encoded too: %2E and %2E%2E are dot segments by the URL standard), so the
+  // page would read /stats or /topics instead. Such a channel is shown, never fetched.
+  function unreachable(name) {
+    return name === "." || name === "..";
   }
 
   function channelHref(name) {
@@ -191,7 +200,43 @@
     input.focus();
   }
 
+  // Everything read with the previous token, off the page: a forgotten or refused token
+  // leaves nothing it showed behind.
+  function clearData() {
+    state.generation += 1;
+    window.clearTimeout(state.timer);
+    state.scopes = undefined;
+    state.channelRows.clear();
+    $("channels").tBodies[0].replaceChildren();
+    for (const id of ["server", "topics", "rates", "peek", "channel-stats"]) {
+      $(id).replaceChildren();
+    }
+    delete $("rates").dataset.text;
+    for (const id of ["server-line", "updated", "channels-note", "topics-note", "rates-note"]) {
+      setText($(id), "");
+    }
+    setText($("chart-label"), "No rates yet");
+    $("adds-line").setAttribute("points", "");
+    $("deliveries-line").setAttribute("points", "");
+    state.topicsKey = "";
+    state.processes.clear();
+    state.adds.length = 0;
+    state.deliveries.length = 0;
+    state.peekRows.forEach((rows) => rows.clear());
+    state.total = undefined;
+    $("actions").hidden = true;
+    $("actions-denied").hidden = true;
+    $("peek-denied").hidden = true;
+    result("", true);
+  }
+
+  function forgetToken() {
+    state.token = null;
+    sessionStorage.removeItem(TOKEN_KEY);
+  }
+
   function useToken(token) {
+    clearData();
     state.token = token || null;
     if (state.token) sessionStorage.setItem(TOKEN_KEY, state.token);
     else sessionStorage.removeItem(TOKEN_KEY);
@@ -231,8 +276,11 @@
 
   function failed(error) {
     if (error instanceof HttpError && error.status === 401) {
+      const refused = state.token !== null;
+      forgetToken();
+      clearData();
       askToken(
-        state.token
+        refused
           ? "The server refused this token (unknown, revoked or expired): enter another."
           : "This server checks tokens (--auth): enter one to see what it may read.",
       );
@@ -287,7 +335,8 @@
 
   function remember(server) {
     const now = Date.now();
-    const key = server.hostname + " pid " + server.pid;
+    // Without read:* no pid: one process per host, as far as the page can tell.
+    const key = server.pid === null ? server.hostname : server.hostname + " pid " + server.pid;
     const known = state.processes.get(key) || { key };
     if (server.counters) {
       const adds = server.counters["msg-add"];
@@ -376,7 +425,8 @@
       `${processes.length} (those that answered this page in the last minute)`,
     );
     field(dl, "database", "Database", server.database === null ? "– (needs read:*)" : server.database);
-    field(dl, "uptime", "Uptime", duration(server.uptime));
+    const uptime = server.uptime === null ? "– (needs read:*)" : duration(server.uptime);
+    field(dl, "uptime", "Uptime", uptime);
     const waiting = processes.filter((p) => typeof p.waiters === "number");
     field(
       dl,
@@ -392,7 +442,8 @@
     }
     setText(
       $("server-line"),
-      `${server.version} · ${processKey} · up ${duration(server.uptime)}`,
+      `${server.version} · ${processKey}` +
+        (server.uptime === null ? "" : ` · up ${duration(server.uptime)}`),
     );
     setText(
       $("rates-note"),
@@ -588,6 +639,8 @@
         title: `Delete message ${message.id}`,
       });
       button.setAttribute("aria-label", `Delete message ${message.id}`);
+      button.classList.add("delete");
+      button.disabled = state.busy;
       button.addEventListener("click", () => deleteMessage(channel, message.id));
       tr.append(el("td", {}, button));
     } else {
@@ -761,17 +814,30 @@
     return error instanceof HttpError ? `${error.status}: ${error.message}` : String(error);
   }
 
+  function setBusy(busy) {
+    state.busy = busy;
+    const deletes = $("peek").querySelectorAll("button.delete");
+    const buttons = [$("redrive-button"), $("drain-button"), ...deletes];
+    for (const button of buttons) button.disabled = busy;
+  }
+
+  // One action at a time: its buttons stay disabled until the server answered.
   async function act(channel, action, request, done) {
+    if (state.busy) return;
+    setBusy(true);
     try {
       const answer = await request();
       result(done(answer), true);
     } catch (error) {
       result(refusal(error, action, channel), false);
+    } finally {
+      setBusy(false);
     }
     if (state.view === channel) showChannel(channel, false);
   }
 
   async function deleteMessage(channel, id) {
+    if (state.busy) return;
     const sure = await confirmAction(
       "Delete a message",
       `Delete message ${id} of ${channel}, whatever its state? This cannot be undone.`,
@@ -793,11 +859,15 @@
     });
     redrive.addEventListener("submit", async (event) => {
       event.preventDefault();
+      if (state.busy) return;
       const channel = state.view;
-      const n = redrive.elements.n.value.trim();
+      const input = redrive.elements.n;
+      const n = input.value.trim();
       const other = redrive.elements.target.value === "other";
       const to = redrive.elements.to.value;
-      if (n && !/^[1-9][0-9]*$/.test(n)) {
+      // A number input that cannot parse what was typed ("5-") has the value "": that is
+      // an error, not "all".
+      if (input.validity.badInput || (n && !/^[1-9][0-9]*$/.test(n))) {
         result("How many: a whole number of at least 1, or empty for all.", false);
         redrive.elements.n.focus();
         return;
@@ -828,11 +898,15 @@
     });
     $("drain-form").addEventListener("submit", async (event) => {
       event.preventDefault();
+      if (state.busy) return;
       const channel = state.view;
+      const how =
+        state.total === undefined
+          ? "all the messages (how many is not known yet)"
+          : `all ${state.total} messages`;
       const sure = await confirmAction(
         "Drain a channel",
-        `Discard all ${state.total ?? ""} messages of ${channel} (ready, hidden and ` +
-          "delayed)? This cannot be undone.",
+        `Discard ${how} of ${channel} (ready, hidden and delayed)? This cannot be undone.`,
         "Drain",
       );
       if (!sure) return;
@@ -861,6 +935,7 @@
       state.peekRows.forEach((rows) => rows.clear());
       $("peek").replaceChildren();
       $("channel-stats").replaceChildren();
+      state.total = undefined; // not the previous channel's
       result("", true);
       $("redrive-form").reset();
       $("redrive-to").hidden = true;
@@ -871,6 +946,22 @@
     setText($("channel-name"), channel);
     document.title = channel + " · Linger";
     if (fresh) $("channel-title").focus();
+    const note = $("channel-note");
+    note.hidden = !unreachable(channel);
+    if (unreachable(channel)) {
+      setText(
+        note,
+        `A channel named "${channel}" cannot be read from this page: browsers rewrite ` +
+          "that name in a URL path. Its counts are on the overview; to peek, drain or " +
+          "redrive it, use a client (or curl --path-as-is with %2E for each dot).",
+      );
+      state.generation += 1; // nothing to poll
+      window.clearTimeout(state.timer);
+      $("actions").hidden = true;
+      $("actions-denied").hidden = true;
+      $("peek-denied").hidden = true;
+      return;
+    }
     every(async (current) => {
       await loadScopes();
       if (!current()) return;
