@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -76,7 +77,11 @@ async def error(response: Any, status: int, text: str | None = None) -> None:
 
 
 class Probe:
-    """Another client's requests during an attack: ``worst`` is the slowest answer (s)."""
+    """Another client's requests during an attack: ``worst`` is the slowest answer (s).
+
+    While it runs, the objects the test session has piled up are frozen out of the
+    garbage collector: a full collection of a whole suite's heap is a pause of the test
+    process (server and probe alike) that no Linger process would have."""
 
     def __init__(self, client: Client, path: str = "/") -> None:
         self.client = client
@@ -96,11 +101,14 @@ class Probe:
             await asyncio.sleep(0.005)
 
     async def __aenter__(self) -> Probe:
+        gc.collect()
+        gc.freeze()
         self._task = asyncio.create_task(self._run())
         await asyncio.sleep(0.02)
         return self
 
     async def __aexit__(self, *_: object) -> None:
+        gc.unfreeze()
         assert self._task is not None
         if self._task.done():
             self._task.result()  # the probe's own failure, if any
