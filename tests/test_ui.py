@@ -403,3 +403,37 @@ async def test_overview_reads_are_shared_one_at_a_time_and_bounded_in_time(
     assert slow.headers["Retry-After"] == "1"
     async with Probe(client, "/health"):  # the loop stays free meanwhile
         await asyncio.sleep(0.5)
+
+
+async def test_a_scoped_tokens_overview_reads_its_subscriptions_once_a_second(
+    make_client: ClientFactory, monkeypatch: Any
+) -> None:
+    """Found by attacking the overview: a scoped token's subscriptions were read once per
+    request. Concurrent requests of one scope share one read, reads of different scopes
+    run one at a time, and each scope's read is kept for OVERVIEW_TTL."""
+    client = await make_client(auth=True)
+    headers = await _token(client, "read:orders.*")
+    others = await _token(client, "read:payments.*")
+    running, most, calls = 0, 0, []
+    read = dashboard.list_subscriptions
+
+    async def counted(*args: Any) -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        calls.append(args[2] if len(args) > 2 else None)
+        try:
+            await asyncio.sleep(0.01)
+            return await read(*args)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(dashboard, "list_subscriptions", counted)
+    requests = [_overview(client, headers) for _ in range(30)]
+    requests += [_overview(client, others) for _ in range(30)]
+    await asyncio.gather(*requests)
+    scoped = [patterns for patterns in calls if patterns is not None]
+    assert len(scoped) == 2  # once per scope, for sixty requests
+    assert most == 1
+    await _overview(client, headers)
+    assert len([p for p in calls if p is not None]) == 2  # still fresh

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 import weakref
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -136,9 +136,12 @@ class _Cache:
     def __init__(self) -> None:
         self.current: Snapshot | None = None
         self.pending: asyncio.Task[Snapshot] | None = None
-        # A scoped token's subscriptions, by its listed patterns (at most _SCOPED_KEPT).
-        self.by_scope: dict[tuple[str, ...], tuple[float, list[dashboard.Subscription], bool]]
-        self.by_scope = {}
+        # A scoped token's subscriptions, by its listed patterns (at most _SCOPED_KEPT, the
+        # least recently read dropped first), the reads under way, and a lock that makes
+        # them one at a time (as the snapshot's reads are).
+        self.by_scope: OrderedDict[tuple[str, ...], _Scoped] = OrderedDict()
+        self.scoped_pending: dict[tuple[str, ...], asyncio.Task[_Scoped]] = {}
+        self.scoped_lock = asyncio.Lock()
 
     async def snapshot(self, request: web.Request) -> Snapshot:
         current = self.current
@@ -154,21 +157,45 @@ class _Cache:
         if not task.cancelled() and task.exception() is None:
             self.current = task.result()
 
+    def _fresh(self, key: tuple[str, ...]) -> _Scoped | None:
+        kept = self.by_scope.get(key)
+        return kept if kept is not None and time.monotonic() - kept[0] < OVERVIEW_TTL else None
+
     async def scoped(
         self, request: web.Request, topics: Patterns
     ) -> tuple[list[dashboard.Subscription], bool]:
         """The first subscriptions of the topics ``topics`` match: filtered in the
-        statement, before its limit, so a token sees its own however many others."""
-        kept = self.by_scope.get(topics.globs)
-        if kept is not None and time.monotonic() - kept[0] < OVERVIEW_TTL:
-            return kept[1], kept[2]
-        driver = broker_of(request).storage.driver
-        rows = await dashboard.list_subscriptions(driver, SUBSCRIPTIONS_SHOWN + 1, topics)
-        truncated = len(rows) > SUBSCRIPTIONS_SHOWN
-        if len(self.by_scope) >= _SCOPED_KEPT:
-            self.by_scope.clear()
-        self.by_scope[topics.globs] = (time.monotonic(), rows[:SUBSCRIPTIONS_SHOWN], truncated)
-        return rows[:SUBSCRIPTIONS_SHOWN], truncated
+        statement, before its limit, so a token sees its own however many others. One
+        read per set of patterns and ``OVERVIEW_TTL``, whatever the requests."""
+        key = topics.globs
+        kept = self._fresh(key)
+        if kept is None:
+            task = self.scoped_pending.get(key)
+            if task is None:
+                task = asyncio.create_task(self._read_scoped(request, topics))
+                self.scoped_pending[key] = task
+                task.add_done_callback(lambda _done: self.scoped_pending.pop(key, None))
+            kept = await asyncio.shield(task)
+        return kept[1], kept[2]
+
+    async def _read_scoped(self, request: web.Request, topics: Patterns) -> _Scoped:
+        async with self.scoped_lock:
+            key = topics.globs
+            kept = self._fresh(key)
+            if kept is not None:
+                return kept
+            driver = broker_of(request).storage.driver
+            rows = await dashboard.list_subscriptions(driver, SUBSCRIPTIONS_SHOWN + 1, topics)
+            kept = (time.monotonic(), rows[:SUBSCRIPTIONS_SHOWN], len(rows) > SUBSCRIPTIONS_SHOWN)
+            self.by_scope[key] = kept
+            self.by_scope.move_to_end(key)
+            while len(self.by_scope) > _SCOPED_KEPT:
+                self.by_scope.popitem(last=False)
+            return kept
+
+
+# When a scoped token's subscriptions were read, the first of them, and whether more.
+_Scoped = tuple[float, list["dashboard.Subscription"], bool]
 
 
 _CACHES: weakref.WeakKeyDictionary[web.Application, _Cache] = weakref.WeakKeyDictionary()
