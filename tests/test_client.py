@@ -493,6 +493,49 @@ async def test_stop_mid_run_leaves_hidden_only_what_it_processes(
         assert not {m.id for m in remaining} & set(handled)
 
 
+async def test_acknowledgements_outlast_a_server_that_is_away_for_a_while(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by attacking the loop: a delete or release that failed while the server
+    restarted (longer than the client's own retries) lost the acknowledgement, and the
+    handled message came back. Now it is tried again, its lease still held, until done."""
+    async with linger(await make_client(), retry=QUICK) as client:
+        await client.add_many("jobs", [f"job {n}" for n in range(20)])
+        away = {"delete_many": 2, "release": 2}  # failures in a row, each past its retries
+
+        def flaky(name: str) -> Callable[..., Awaitable[Any]]:
+            real = getattr(client, name)
+
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                if away[name] > 0:
+                    away[name] -= 1
+                    raise ConnectionFailed("Cannot connect to the server (restarting)")
+                return await real(*args, **kwargs)
+
+            return call
+
+        monkeypatch.setattr(client, "delete_many", flaky("delete_many"))
+        monkeypatch.setattr(client, "release", flaky("release"))
+        handled: set[int] = set()
+        failed_once: set[int] = set()
+
+        async def handle(message: Message) -> None:
+            if message.id % 5 == 0 and message.id not in failed_once:
+                failed_once.add(message.id)
+                raise RuntimeError("try again")
+            handled.add(message.id)
+            if len(handled) == 20:
+                consumer.stop()
+
+        consumer = client.consumer(
+            "jobs", handle, concurrency=4, batch=4, retry_delay=0, wait=1, signals=False
+        )
+        counters = await asyncio.wait_for(consumer.run(), 20)
+        assert counters.lost == 0, counters
+        assert counters.processed == 20
+        assert await client.channel_stats("jobs") == ChannelStats(0, 0)
+
+
 @pytest.mark.postgres
 async def test_a_handler_past_its_timeout_is_released_and_a_lost_lease_never_acknowledged(
     make_client: ClientFactory, caplog: pytest.LogCaptureFixture

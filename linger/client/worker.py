@@ -12,7 +12,7 @@ import signal
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from linger.client import errors
 from linger.client.leases import Chunks, Held, Holdings
@@ -31,7 +31,14 @@ _UNKNOWN_WAIT = 3600.0
 # Errors of a receive that trying again cannot cure: the loop stops and raises them.
 _FATAL = (errors.BadRequest, errors.Unauthenticated, errors.NotAllowed, errors.NotFound)
 # Errors that mean the lease is no longer this loop's: nothing is acknowledged.
+T = TypeVar("T")
 _LOST = (errors.Conflict, errors.NotFound)
+# Failures that pass (a restart, a network blip): an acknowledgement is tried again, its
+# lease still extended meanwhile, until it is done, the lease is refused, or the loop
+# has been stopping for ACK_GRACE seconds.
+_TRANSIENT = (errors.ServerError, errors.ConnectionFailed)
+ACK_GRACE = 10.0
+_ACK_RETRY_MAX = 5.0
 _MOST_PER_REQUEST = 1000
 
 
@@ -114,6 +121,8 @@ class Consumer:
         self._room = asyncio.Event()  # set when a handler's place may have been freed
         self._taken = 0  # places of receives in flight, messages queued, handlers running
         self._stop_asked = False
+        # When acknowledgements stop being tried again, once the loop is stopping.
+        self._gave_up_at: float | None = None
         self._left: list[Held] = []  # taken from the queue by workers as the loop stopped
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fatal: BaseException | None = None
@@ -413,12 +422,37 @@ class Consumer:
         seconds = self.retry_delay * 2.0 ** max(0, message.delivered - 1)
         return math.ceil(min(self.max_retry_delay, seconds))
 
+    async def _persisting(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, tried again after transient failures (its leases stay held and
+        extended meanwhile) until it succeeds, fails otherwise, or the loop has been
+        stopping for ``ACK_GRACE`` seconds."""
+        loop = asyncio.get_running_loop()
+        delay = 0.2
+        while True:
+            try:
+                return await call()
+            except _TRANSIENT as error:
+                if self._stop_asked:
+                    if self._gave_up_at is None:
+                        self._gave_up_at = loop.time() + ACK_GRACE
+                    if loop.time() >= self._gave_up_at:
+                        raise
+                logger.warning("%s: %s; again in %.1f s", what, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(_ACK_RETRY_MAX, delay * 2)
+
     async def _settle(self, held: Held, verb: str, delay: int | None = None) -> None:
         try:
             if verb == "reject":
-                await self.client.reject(held.message)
+                await self._persisting(
+                    f"rejecting message {held.message.id}",
+                    lambda: self.client.reject(held.message),
+                )
             else:
-                await self.client.release(held.message, delay=delay)
+                await self._persisting(
+                    f"releasing message {held.message.id}",
+                    lambda: self.client.release(held.message, delay=delay),
+                )
         except _LOST as error:
             self._lose(held, str(error))
         except errors.LingerError as error:
@@ -465,8 +499,12 @@ class Consumer:
             await self._delete(batch)
 
     async def _delete(self, batch: list[Held]) -> None:
+        messages = [held.message for held in batch]
         try:
-            outcome = await self._chunks.send(self.client.delete_many, [h.message for h in batch])
+            outcome = await self._persisting(
+                f"deleting {len(batch)} handled messages",
+                lambda: self._chunks.send(self.client.delete_many, messages),
+            )
         except errors.LingerError as error:
             logger.error("deleting %d handled messages: %s", len(batch), error)
             self.counters.lost += len(batch)
