@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -321,9 +324,31 @@ async def prepare(engine: AsyncEngine, *, migrate: bool) -> None:
         if engine.dialect.name != "sqlite":
             raise
         # A file that cannot be opened or is not a SQLite database: one line, not a trace.
+        await engine.dispose()
+        await _failed_connections_ended()
         raise errors.Misconfigured(
             f"cannot use the SQLite database {engine.url.database}: {error.orig}"
         ) from error
+
+
+# Longest wait for the threads of SQLite connections that failed to open.
+_THREADS_JOINED_WITHIN = 1.0
+
+
+async def _failed_connections_ended() -> None:
+    """Wait (off the event loop, a second at most) for the threads of SQLite connections
+    to end. aiosqlite stops the thread of a connection that failed to open without waiting
+    for it, and that thread's last callback needs the event loop still open: a process
+    that stops at once because it cannot open its database would print the thread's
+    traceback after its one line."""
+    ending = [t for t in threading.enumerate() if t.name.endswith("(_connection_worker_thread)")]
+    if ending:
+        await asyncio.to_thread(_join, ending, time.monotonic() + _THREADS_JOINED_WITHIN)
+
+
+def _join(threads: list[threading.Thread], deadline: float) -> None:
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 async def server_id(conn: AsyncConnection, new_id: str) -> str:
