@@ -36,6 +36,7 @@ from linger.http.metrics import Metrics
 from linger.http.middleware import error_middleware
 from linger.http.observe import echo_request_id, observe_middleware
 from linger.http.routes import ROUTES
+from linger.http.ui import OVERVIEW, OverviewCache
 from linger.queue.broker import Broker
 from linger.queue.listener import Listener
 from linger.queue.notifier import Notifier
@@ -149,6 +150,7 @@ def create_app(settings: Settings, clock: Callable[[], float] = time.time) -> we
     app[BATCH_BUDGET] = Budget(BUDGET_BATCHES * settings.max_batch_bytes)
     app[STARTED] = time.time()
     app[TRUSTED_PROXIES] = networks(settings.trusted_proxies)
+    app[OVERVIEW] = OverviewCache()
     app[DRAINING] = asyncio.Event()
     app.cleanup_ctx.append(_resources(clock))
     app.on_shutdown.append(_wake_waiters)

@@ -83,8 +83,6 @@ class Patterns:
 class Grant:
     """What a token's scopes allow, by action."""
 
-    __slots__ = ("__dict__", "_by_action", "scopes")
-
     def __init__(self, scopes: Iterable[str]) -> None:
         self.scopes = tuple(scopes)
         parsed = [parse(scope) for scope in self.scopes]

@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import time
-import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ async def get_overview(request: web.Request) -> web.Response:
     turn); each token's view of them is filtered afterwards: names as the listings show
     them, every detail of a channel only where the token may read it."""
     grant: Grant | None = request.get(access.GRANT)
-    cache = _cache(request.app)
+    cache = request.app[OVERVIEW]
     try:
         async with asyncio.timeout(OVERVIEW_TIMEOUT):
             snapshot = await cache.snapshot(request)
@@ -130,7 +129,7 @@ class Snapshot:
     limit: int
 
 
-class _Cache:
+class OverviewCache:
     """One process's overview reads: at most one in flight, reused for ``OVERVIEW_TTL``."""
 
     def __init__(self) -> None:
@@ -194,18 +193,11 @@ class _Cache:
             return kept
 
 
+# The overview reads of one app (process), shared by its clients.
+OVERVIEW = web.AppKey("overview", OverviewCache)
+
 # When a scoped token's subscriptions were read, the first of them, and whether more.
 _Scoped = tuple[float, list["dashboard.Subscription"], bool]
-
-
-_CACHES: weakref.WeakKeyDictionary[web.Application, _Cache] = weakref.WeakKeyDictionary()
-
-
-def _cache(app: web.Application) -> _Cache:
-    cache = _CACHES.get(app)
-    if cache is None:
-        cache = _CACHES[app] = _Cache()
-    return cache
 
 
 async def _read(request: web.Request) -> Snapshot:

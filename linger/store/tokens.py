@@ -68,11 +68,9 @@ async def every(conn: AsyncConnection) -> list[Token]:
 async def revoke(conn: AsyncConnection, token_id: int, now: int) -> bool:
     """Revoke token ``token_id``; False when there is no such token (revoking a revoked
     token again changes nothing and is True)."""
-    await conn.execute(
-        sa.update(t).where(t.c.id == token_id, t.c.revoked_at.is_(None)).values(revoked_at=now)
-    )
-    found = await conn.scalar(sa.select(t.c.id).where(t.c.id == token_id))
-    return found is not None
+    revoked = sa.func.coalesce(t.c.revoked_at, now)  # the first revocation's time stays
+    stmt = sa.update(t).where(t.c.id == token_id).values(revoked_at=revoked).returning(t.c.id)
+    return (await conn.scalar(stmt)) is not None
 
 
 class Tokens:
