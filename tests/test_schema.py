@@ -135,6 +135,53 @@ async def test_sweep_and_mark_read_only_the_rows_that_can_die(postgres_url: str)
         await engine.dispose()
 
 
+def _literal(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    return f"'{value}'" if isinstance(value, str) else str(value)
+
+
+@pytest.mark.postgres
+async def test_a_claim_planned_on_an_empty_table_never_scans_it_later(postgres_url: str) -> None:
+    """PostgreSQL keeps a generic plan made while the table was empty (a fresh database,
+    before autovacuum first looks at it) as the table grows: the claim must find the
+    rows it locked again by TID, not by a scan of every row."""
+    engine = db.create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+        storage = Storage(engine, time.time)
+        now = int(time.time() * 1000)
+        params = {"channel": "c7", "now": now, "n": 100, "nonce": 1}
+        for claim, extra in (
+            (storage.messages._claim, {}),
+            (storage.messages._claim_bounded, {"budget": 1 << 24, "shared": 1024}),
+        ):
+            args = claim.args({**params, **extra})
+            async with engine.connect() as conn:
+                raw = (await conn.get_raw_connection()).driver_connection
+                assert raw is not None
+                await raw.execute("SET plan_cache_mode = force_generic_plan")
+                prepared = await raw.prepare(claim.sql)
+                assert await prepared.fetch(*args) == []  # planned now, on no rows
+                await raw.execute(
+                    "INSERT INTO messages (channel, priority, timeout, deliver, linger, topic,"
+                    " content_type, body, created_at, visible_at, dead_at, deliveries)"
+                    " SELECT 'c' || (i % 10), 0, 30, 0, 0, '', 'text/plain', 'x', 0, 0, NULL,"
+                    " 0 FROM generate_series(1, 20000) AS i"
+                )
+                values = ", ".join(_literal(a) for a in args)
+                explain = f"EXPLAIN EXECUTE {prepared.get_name()}({values})"
+                plan = "\n".join(r[0] for r in await raw.fetch(explain))
+                await raw.execute("TRUNCATE messages")
+            assert "Seq Scan on messages" not in plan, plan
+            assert "Tid Scan on messages" in plan, plan
+    finally:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("TRUNCATE messages")
+        await engine.dispose()
+
+
 @pytest.mark.postgres
 async def test_batch_statements_look_messages_up_by_key(postgres_url: str) -> None:
     """Batch acknowledgements find their rows through the primary key, and a bounded

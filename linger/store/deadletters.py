@@ -19,11 +19,11 @@ from linger.store.sql import (
     READY,
     announced,
     first_ready,
-    ids_in,
     ms_sql,
     param,
     patterns,
     permitted,
+    rows_in,
 )
 
 m = messages
@@ -54,7 +54,9 @@ def _redrive_stmt(postgres: bool, *, scoped: bool = False) -> sa.ClauseElement:
     dead: sa.ColumnElement[bool] = m.c.dead_from.is_not(None)
     if scoped:
         dead = sa.and_(dead, permitted(postgres=postgres, column="dead_from"))
-    chosen = first_ready(param("channel", sa.String), now, param("n"), where=dead)
+    chosen = first_ready(
+        param("channel", sa.String), now, param("n"), where=dead, postgres=postgres
+    )
     linger = sa.func.coalesce(m.c.origin_linger, 0)
     values = {
         "channel": sa.func.coalesce(param("to", sa.String), m.c.dead_from),
@@ -71,7 +73,7 @@ def _redrive_stmt(postgres: bool, *, scoped: bool = False) -> sa.ClauseElement:
         "visible_at": READY,
         "lease": None,
     }
-    stmt = sa.update(m).where(ids_in(chosen, postgres=postgres)).values(values)
+    stmt = sa.update(m).where(rows_in(chosen, postgres=postgres)).values(values)
     return announced(stmt, postgres=postgres)
 
 
