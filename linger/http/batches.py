@@ -5,7 +5,6 @@ none of it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -13,13 +12,12 @@ from aiohttp import hdrs, web
 from linger import errors
 from linger.http import access, bodies, items, params, server
 from linger.http.keys import BATCH_BUDGET, SETTINGS, broker_of
-from linger.http.objects import message_object
+from linger.http.objects import messages_response
+from linger.http.responses import json_response
 from linger.store import leases
 from linger.store.batches import Named
-from linger.store.records import DONE, MISSING, STALE, Message
+from linger.store.records import DONE, MISSING, STALE
 
-# A response this large is written message by message, yielding between them.
-_STREAM_BYTES = 1024 * 1024
 # Bytes of one item of an acknowledgement body, at most ("<19 digits>.<19 digits>", ).
 _ITEM_BYTES = 48
 _ACK_OVERHEAD = 4096
@@ -28,14 +26,14 @@ _ACK_OVERHEAD = 4096
 async def post_messages(request: web.Request) -> web.Response:
     channel = params.channel(request)
     defaults = params.query(request)
-    params.options(defaults, channel)  # a bad default is the request's error, not an item's
+    base = params.options(defaults, channel)  # a bad default is the request's error
     settings = request.app[SETTINGS]
     async with items.reading(request, settings, request.app[BATCH_BUDGET]) as reader:
-        read = items.read_batch(reader, request, settings, defaults, channel)
+        read = items.read_batch(reader, request, settings, defaults, channel, base)
         batch = await bodies.within_deadline(request, read)
         access.require(request, "produce", (m.options.dead for m in batch if m.options))
         ids = await broker_of(request).add_many(channel, batch)
-    return web.json_response({"ids": ids}, status=202)
+    return json_response({"ids": ids}, status=202)
 
 
 async def publish_messages(request: web.Request) -> web.Response:
@@ -46,7 +44,7 @@ async def publish_messages(request: web.Request) -> web.Response:
         batch = await bodies.within_deadline(request, read)
         published = await broker_of(request).publish_many(topic, batch)
     shown = [await access.shown(request, ids) for ids in published]
-    return web.json_response({"messages": shown}, status=202)
+    return json_response({"messages": shown}, status=202)
 
 
 async def get_messages(request: web.Request) -> web.StreamResponse:
@@ -59,26 +57,6 @@ async def get_messages(request: web.Request) -> web.StreamResponse:
     with access.lasting(request, server.connected(request)) as alive:
         delivered = await broker.receive(channel, n, wait=wait, alive=alive, budget=budget)
     return await messages_response(request, delivered, broker.storage.now())
-
-
-async def messages_response(
-    request: web.Request, found: Sequence[Message], now_ms: int
-) -> web.StreamResponse:
-    """``{"messages": [...]}``: at once when small, else written message by message (the
-    JSON of a large batch is never held whole, nor encoded in one go)."""
-    if sum(len(message.body) for message in found) < _STREAM_BYTES:
-        return web.json_response({"messages": [message_object(m, now_ms) for m in found]})
-    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
-    response.enable_chunked_encoding()
-    server.finish(request, response)
-    await response.prepare(request)
-    await response.write(b'{"messages": [')
-    for index, message in enumerate(found):
-        text = json.dumps(message_object(message, now_ms))
-        await response.write((", " if index else "").encode() + text.encode())
-    await response.write(b"]}")
-    await response.write_eof()
-    return response
 
 
 async def _acknowledgement(request: web.Request) -> dict[str, Any]:
@@ -145,7 +123,7 @@ def _answer(shown: list[Any], named: list[Named], outcomes: list[str]) -> web.Re
     answer: dict[str, list[Any]] = {DONE: [], STALE: [], MISSING: []}
     for value, (message_id, _nonce), outcome in zip(shown, named, outcomes, strict=True):
         answer[outcome].append(message_id if outcome == DONE else value)
-    return web.json_response(answer)
+    return json_response(answer)
 
 
 def _option(body: dict[str, Any], key: str, low: int, text: str) -> int | None:

@@ -26,7 +26,7 @@ from linger import errors
 from linger.config import Settings
 from linger.http import bodies, params
 from linger.http.budget import Budget
-from linger.store.records import NewMessage
+from linger.store.records import NewMessage, Options
 
 NDJSON = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
 _JSON = ("", "application/json")
@@ -44,6 +44,8 @@ _FIELDS = frozenset(
     )
 )
 _OPTIONS = ("priority", "timeout", "deliver", "linger", "delay", "dead")
+# An item with no other fields takes the batch's options (the query string's) as they are.
+_PLAIN = frozenset(("body", "encoding", "content_type"))
 _WHITESPACE = " \t\n\r"
 # Room in one item's JSON for the fields beside its body.
 _ITEM_OVERHEAD = 64 * 1024
@@ -223,15 +225,24 @@ def _option_values(item: dict[str, Any]) -> dict[str, str]:
 
 
 def message(
-    item: Any, label: str, defaults: dict[str, str], channel: str | None, max_size: int
+    item: Any,
+    label: str,
+    defaults: dict[str, str],
+    channel: str | None,
+    max_size: int,
+    base: Options | None = None,
 ) -> NewMessage:
     """The message an item describes; ``InvalidParameter`` (400) or ``MessageTooLarge``
-    (413) naming ``label`` when it is not a valid one."""
+    (413) naming ``label`` when it is not a valid one. ``base``: the options of
+    ``defaults``, for an item that gives none of its own."""
     if not isinstance(item, dict):
         raise errors.InvalidParameter(f"{label}: An item must be a JSON object.")
-    unknown = item.keys() - _FIELDS
-    if unknown:
-        raise errors.InvalidParameter(f"{label}: Unknown field {json.dumps(sorted(unknown)[0])}.")
+    own_options = not item.keys() <= _PLAIN
+    if own_options:
+        unknown = item.keys() - _FIELDS
+        if unknown:
+            name = json.dumps(sorted(unknown)[0])
+            raise errors.InvalidParameter(f"{label}: Unknown field {name}.")
     text = item.get("body")
     if not isinstance(text, str):
         raise errors.InvalidParameter(f"{label}: An item needs a body (a string).")
@@ -262,6 +273,8 @@ def message(
             kind = bodies.content_type(given, kind)
         if channel is None:  # published: the subscriptions' options apply
             return NewMessage(body, kind)
+        if base is not None and not own_options:
+            return NewMessage(body, kind, base)
         options = params.options({**defaults, **_option_values(item)}, channel)
     except errors.InvalidParameter as error:
         raise errors.InvalidParameter(f"{label}: {error}") from None
@@ -274,9 +287,11 @@ async def read_batch(
     settings: Settings,
     defaults: dict[str, str],
     channel: str | None,
+    base: Options | None = None,
 ) -> list[NewMessage]:
     """The messages of a batch add (``channel``) or publish (None), the query-string
-    options ``defaults`` of every item; all valid, or an error naming the first bad one.
+    options ``defaults`` (parsed: ``base``) of every item; all valid, or an error naming
+    the first bad one.
     Their bytes stay counted in the budget until ``reading`` ends."""
     kind = request.content_type if hdrs.CONTENT_TYPE in request.headers else ""
     ndjson = kind in NDJSON
@@ -287,7 +302,8 @@ async def read_batch(
     async for index, item in items:
         if len(batch) == settings.max_batch:
             raise errors.InvalidParameter("Too many items.")
-        batch.append(message(item, _label(ndjson, index), defaults, channel, settings.max_size))
+        label = _label(ndjson, index)
+        batch.append(message(item, label, defaults, channel, settings.max_size, base))
     if not batch:
         raise errors.InvalidParameter("No messages.")
     return batch

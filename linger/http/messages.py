@@ -7,7 +7,7 @@ from aiohttp import web
 from linger import errors
 from linger.http import access, bodies, params, server
 from linger.http.keys import SETTINGS, broker_of
-from linger.http.objects import message_object, message_response
+from linger.http.objects import message_response, messages_response
 from linger.http.responses import header_value
 from linger.store.messages import STATES
 
@@ -63,7 +63,7 @@ async def get_channel_stats(request: web.Request) -> web.Response:
     return web.json_response({"ready": ready, "hidden": hidden})
 
 
-async def peek_messages(request: web.Request) -> web.Response:
+async def peek_messages(request: web.Request) -> web.StreamResponse:
     channel = params.channel(request)
     n = params.batch_size(request, request.app[SETTINGS].max_batch)
     state = request.query.get("state", "ready")
@@ -71,5 +71,4 @@ async def peek_messages(request: web.Request) -> web.Response:
         raise errors.InvalidParameter("Invalid state.")
     storage = broker_of(request).storage
     found = await storage.messages.peek(channel, state, n)
-    now = storage.now()
-    return web.json_response({"messages": [message_object(m, now) for m in found]})
+    return await messages_response(request, found, storage.now())

@@ -4,12 +4,18 @@ and peeks."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
+import orjson
+from aiohttp import hdrs, web
 
-from linger.http.responses import header_value
+from linger.http import server
+from linger.http.responses import header_value, json_response
 from linger.store.records import Message
+
+# A list of messages this large is written message by message, yielding between them.
+_STREAM_BYTES = 1024 * 1024
 
 
 def received(message: Message, now_ms: int) -> int:
@@ -67,3 +73,23 @@ def message_object(message: Message, now_ms: int) -> dict[str, Any]:
         dead_reason=message.dead_reason,
     )
     return shown
+
+
+async def messages_response(
+    request: web.Request, found: Sequence[Message], now_ms: int
+) -> web.StreamResponse:
+    """``{"messages": [...]}``: at once when small, else written message by message (the
+    JSON of a large batch is never held whole, nor encoded in one go)."""
+    if sum(len(message.body) for message in found) < _STREAM_BYTES:
+        return json_response({"messages": [message_object(m, now_ms) for m in found]})
+    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
+    response.enable_chunked_encoding()
+    server.finish(request, response)
+    await response.prepare(request)
+    await response.write(b'{"messages":[')
+    for index, message in enumerate(found):
+        text = orjson.dumps(message_object(message, now_ms))
+        await response.write(b"," + text if index else text)
+    await response.write(b"]}")
+    await response.write_eof()
+    return response
