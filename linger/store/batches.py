@@ -43,7 +43,6 @@ from linger.store.sql import (
     given,
     given_ids,
     given_leases,
-    insert_one,
     ms,
     param,
 )
@@ -101,6 +100,19 @@ def _add_many_stmt() -> sa.Insert:
     )
 
 
+# SQLite stores a batch by multi-row INSERTs of these many rows (largest first): a few
+# statements instead of one per message, each compiled once; 64 rows bind 896 values,
+# far below SQLite's limit of 32,766.
+_CHUNKS = (64, 8, 1)
+
+
+def _insert_rows(count: int) -> sa.Insert:
+    """An INSERT of ``count`` messages, row i's columns bound as ``<column>_<i>``."""
+    return sa.insert(m).values(
+        [{name: param(f"{name}_{i}", t) for name, t in INSERT_TYPES.items()} for i in range(count)]
+    )
+
+
 def _row(message: NewMessage, now: int) -> dict[str, Any]:
     """The per-message column values of ``message`` added at ``now``."""
     options = message.options
@@ -129,8 +141,9 @@ class Batches:
         if postgres:
             self._add = prepare(announced(_add_many_stmt(), postgres=True, counted=True))
         else:
-            one = insert_one()
-            self._add = prepare(announced(one, postgres=False))
+            self._adds = {k: prepare(announced(_insert_rows(k), postgres=False)) for k in _CHUNKS}
+            # The columns of each row, in the order of the statements' arguments.
+            self._columns = [n.rsplit("_", 1)[0] for n in self._adds[1].names]
         by_lease = sa.and_(given_leases(postgres=postgres), alive(param("now")))
         by_id = sa.and_(given_ids(postgres=postgres), alive(param("now")))
         gone = (m.c.id, m.c.channel, m.c.body_id)
@@ -195,7 +208,9 @@ class Batches:
         if self._postgres:
             params: Any = {**common, **{name: [r[name] for r in rows] for name in _PER_MESSAGE}}
         else:
-            params = [{**common, **row} for row in rows]
+            columns = self._columns
+            merged = ({**common, **row} for row in rows)
+            params = [[values[c] for c in columns] for values in merged]
         return await self._driver.write(
             partial(self._add_operation, channel, params, hlm), light=False
         )
@@ -208,9 +223,14 @@ class Batches:
             # Ids come from the sequence in the order of the arrays.
             ids = sorted(int(row[1]) for row in rows)
         else:
-            ids = []
-            for one in params:
-                ids.append(int((yield self._add, one)[0][1]))
+            ids, start = [], 0
+            for size, stmt in self._adds.items():
+                while len(params) - start >= size:
+                    args = [value for row in params[start : start + size] for value in row]
+                    ids.extend(int(row[1]) for row in (yield stmt, args))
+                    start += size
+            # Ids are given in the order of the rows (AUTOINCREMENT), whatever RETURNING's.
+            ids.sort()
         needed = len(ids)
 
         def refuse(outcome: Any, count: int) -> None:

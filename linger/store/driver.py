@@ -71,11 +71,16 @@ class Prepared:
     names: tuple[str, ...]
     defaults: Mapping[str, Any]
 
-    def args(self, params: Mapping[str, Any]) -> list[Any]:
+    def args(self, params: Params) -> list[Any]:
+        """The statement's arguments: ``params`` by name, or (a list) already in order."""
+        if isinstance(params, list):
+            return params
         return [params[n] if n in params else self.defaults[n] for n in self.names]
 
 
-Query = tuple[Prepared, Mapping[str, Any]]
+# A statement's parameters by name, or a list of its arguments in ``Prepared.names`` order.
+Params = Mapping[str, Any] | list[Any]
+Query = tuple[Prepared, Params]
 Operation = Generator[Query, list[Row], T]
 
 
