@@ -72,7 +72,8 @@ async def _analyze(server: Server) -> None:
         return
     import asyncpg
 
-    url = server.command[server.command.index("--db") + 1]
+    # Without the URL's query: SQLAlchemy's options (?ssl=...) are not asyncpg's DSN ones.
+    url = server.command[server.command.index("--db") + 1].split("?", 1)[0]
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         await conn.execute("ANALYZE")

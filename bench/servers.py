@@ -191,7 +191,10 @@ def linger_command(
         return [*base, "--dbfile", str(database)]
     if backend == "postgres":
         assert postgres_url is not None
-        return [*base, "--db", _fresh_database(postgres_url), "--migrate"]
+        # The database is on this host: no TLS, as the README advises for that case (the
+        # cluster offers it, and asyncpg's default would take it).
+        url = _fresh_database(postgres_url) + "?ssl=disable"
+        return [*base, "--db", url, "--migrate"]
     if backend == "original":
         # -I: isolated, so that this checkout's own linger package is not the one imported.
         return [str(original_python()), "-I", "-c", _ORIGINAL_WRAPPER, "--logging=warning"]
