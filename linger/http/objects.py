@@ -82,7 +82,7 @@ async def messages_response(
     JSON of a large batch is never held whole, nor encoded in one go)."""
     if sum(len(message.body) for message in found) < _STREAM_BYTES:
         return json_response({"messages": [message_object(m, now_ms) for m in found]})
-    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json"})
+    response = web.StreamResponse(headers={hdrs.CONTENT_TYPE: "application/json; charset=utf-8"})
     response.enable_chunked_encoding()
     server.finish(request, response)
     await response.prepare(request)

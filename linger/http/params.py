@@ -33,9 +33,10 @@ def integer(text: str) -> int | None:
 
 
 def valid_name(value: str) -> bool:
-    """1 to 250 characters, none of them a control character."""
+    """1 to 250 characters, none of them a control character nor half of a surrogate
+    pair (a JSON string may escape one alone, and no database can store it)."""
     return 1 <= len(value) <= NAME_LENGTH and not any(
-        unicodedata.category(char) == "Cc" for char in value
+        unicodedata.category(char) in ("Cc", "Cs") for char in value
     )
 
 

@@ -54,9 +54,7 @@ def _redrive_stmt(postgres: bool, *, scoped: bool = False) -> sa.ClauseElement:
     dead: sa.ColumnElement[bool] = m.c.dead_from.is_not(None)
     if scoped:
         dead = sa.and_(dead, permitted(postgres=postgres, column="dead_from"))
-    chosen = first_ready(
-        param("channel", sa.String), now, param("n"), where=dead, postgres=postgres
-    )
+    chosen = first_ready(param("channel", sa.String), now, param("n"), where=dead)
     linger = sa.func.coalesce(m.c.origin_linger, 0)
     values = {
         "channel": sa.func.coalesce(param("to", sa.String), m.c.dead_from),

@@ -52,9 +52,7 @@ def _claim_stmt(postgres: bool, *, bounded: bool = False) -> sa.ClauseElement:
     now = param("now")
     visible_at = now + ms_sql(m.c.timeout)
     budget = param("budget") if bounded else None
-    chosen = first_ready(
-        param("channel", sa.String), now, param("n"), budget=budget, postgres=postgres
-    )
+    chosen = first_ready(param("channel", sa.String), now, param("n"), budget=budget)
     return (
         sa.update(m)
         .where(rows_in(chosen, postgres=postgres))

@@ -85,30 +85,6 @@ def dead_after(deliveries: sa.ColumnElement[int], visible_at: sa.ColumnElement[i
     return sa.case((exhausted, last_end), else_=m.c.dead_at)
 
 
-class _Tid(sa.types.UserDefinedType[Any]):
-    """PostgreSQL's ``tid``: where a row version is (never read into Python)."""
-
-    cache_ok = True
-
-    def get_col_spec(self, **kw: Any) -> str:
-        return "TID"
-
-
-_ctid = sa.literal_column("messages.ctid", _Tid())
-
-
-def locator(postgres: bool) -> sa.ColumnElement[Any]:
-    """What a claim finds the rows it chose again by. On PostgreSQL their ``ctid``: the
-    rows are locked (FOR UPDATE) in the same statement, so they stay where they are, and
-    a join on it is a TID scan per row. By an array of ids the planner may scan the whole
-    table instead: a generic plan made while the table was small (a fresh database,
-    before autovacuum's first look) goes on estimating it at ten pages, and a busy
-    queue's table is thousands of rows later (a batch claim took 5 ms, 50 µs a message,
-    where it now takes 2.5). A row whose newer version was committed after the statement
-    began is left alone, as a row another transaction holds is skipped. SQLite: the id."""
-    return _ctid if postgres else m.c.id
-
-
 def first_ready(
     channel: sa.ColumnElement[str],
     now: sa.ColumnElement[int],
@@ -117,11 +93,10 @@ def first_ready(
     where: sa.ColumnElement[bool] | None = None,
     lock: bool = True,
     budget: Any = None,
-    postgres: bool = False,
 ) -> sa.Select[Any]:
-    """Up to ``count`` ready live messages of ``channel`` (and ``where``) in delivery
-    order ((priority, id)): their ids, or with ``lock``, their ``locator`` and locked (SKIP
-    LOCKED on PostgreSQL, so that concurrent claims pass each other). Two looks, each
+    """The ids (``key``) of up to ``count`` ready live messages of ``channel`` (and
+    ``where``) in delivery order ((priority, id)); with ``lock``, locked (SKIP LOCKED on
+    PostgreSQL, so that concurrent claims pass each other). Two looks, each
     reading about what it returns: the queue (ix_messages_queue holds no parked message,
     so messages in flight cost nothing) and the parked messages that are due now (the
     sweeper keeps those few)."""
@@ -132,7 +107,7 @@ def first_ready(
     if budget is not None:
         size = sa.case((m.c.body_id.is_(None), sa.func.length(m.c.body)), else_=param("shared"))
         sized = [size.label("size")]
-    key = (locator(postgres) if lock else m.c.id).label("key")
+    key = m.c.id.label("key")
 
     def look(state: sa.ColumnElement[bool]) -> sa.Subquery:
         chosen = (
@@ -163,12 +138,18 @@ def first_ready(
 
 
 def rows_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]:
-    """The rows ``chosen`` selects (``first_ready``), by their ``locator``. On PostgreSQL
-    a join (the statement's FROM), planned as a TID scan per row chosen: a claim's
-    estimate is a few rows, whatever the table's statistics say."""
+    """The rows whose ids ``chosen`` (``first_ready``) selects. On PostgreSQL a join (the
+    statement's FROM), planned as an index lookup per row chosen: a claim is estimated at
+    the few rows it takes, whatever the table's statistics say. By an array of ids
+    (``id = ANY(...)``, estimated at ten elements) the planner scanned the whole table
+    instead, with a generic plan made while the table was small (a fresh database, before
+    autovacuum's first look), which it goes on estimating at ten pages: a claim of 100
+    took 5 ms where it takes 2. Not by ``ctid``: a row updated and committed after the
+    statement began is locked in its newest version, which the statement's snapshot
+    cannot see, and would be locked but left unclaimed."""
     if not postgres:
         return m.c.id.in_(chosen)
-    return _ctid == chosen.subquery("chosen").c.key
+    return m.c.id == chosen.subquery("chosen").c.key
 
 
 def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.ColumnElement[bool]:
