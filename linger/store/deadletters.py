@@ -19,11 +19,11 @@ from linger.store.sql import (
     READY,
     announced,
     first_ready,
+    ids_in,
     ms_sql,
     param,
     patterns,
     permitted,
-    rows_in,
 )
 
 m = messages
@@ -71,7 +71,7 @@ def _redrive_stmt(postgres: bool, *, scoped: bool = False) -> sa.ClauseElement:
         "visible_at": READY,
         "lease": None,
     }
-    stmt = sa.update(m).where(rows_in(chosen, postgres=postgres)).values(values)
+    stmt = sa.update(m).where(ids_in(chosen, postgres=postgres)).values(values)
     return announced(stmt, postgres=postgres)
 
 

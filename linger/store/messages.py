@@ -26,6 +26,7 @@ from linger.store.sql import (
     dead_after,
     delayed,
     first_ready,
+    ids_in,
     in_batch,
     insert_one,
     leased,
@@ -34,7 +35,6 @@ from linger.store.sql import (
     param,
     parked,
     queued,
-    rows_in,
 )
 
 m = messages
@@ -55,7 +55,7 @@ def _claim_stmt(postgres: bool, *, bounded: bool = False) -> sa.ClauseElement:
     chosen = first_ready(param("channel", sa.String), now, param("n"), budget=budget)
     return (
         sa.update(m)
-        .where(rows_in(chosen, postgres=postgres))
+        .where(ids_in(chosen, postgres=postgres))
         .values(
             visible_at=visible_at,
             deliveries=m.c.deliveries + 1,
@@ -72,7 +72,7 @@ def _peek_stmt(state: str) -> sa.ClauseElement:
     channel = param("channel", sa.String)
     if state == "ready":
         ids = first_ready(channel, now, param("n"), lock=False).subquery()
-        where: sa.ColumnElement[bool] = m.c.id.in_(sa.select(ids.c.key))
+        where: sa.ColumnElement[bool] = m.c.id.in_(sa.select(ids.c.id))
     else:
         held = leased(now) if state == "hidden" else delayed(now)
         where = sa.and_(m.c.channel == channel, parked(), held, alive(now))

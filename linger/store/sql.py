@@ -94,12 +94,11 @@ def first_ready(
     lock: bool = True,
     budget: Any = None,
 ) -> sa.Select[Any]:
-    """The ids (``key``) of up to ``count`` ready live messages of ``channel`` (and
-    ``where``) in delivery order ((priority, id)); with ``lock``, locked (SKIP LOCKED on
-    PostgreSQL, so that concurrent claims pass each other). Two looks, each
-    reading about what it returns: the queue (ix_messages_queue holds no parked message,
-    so messages in flight cost nothing) and the parked messages that are due now (the
-    sweeper keeps those few)."""
+    """The ids of up to ``count`` ready live messages of ``channel`` (and ``where``) in
+    delivery order ((priority, id)); with ``lock``, locked (SKIP LOCKED on PostgreSQL, so
+    that concurrent claims pass each other). Two looks, each reading about what it
+    returns: the queue (ix_messages_queue holds no parked message, so messages in flight
+    cost nothing) and the parked messages that are due now (the sweeper keeps those few)."""
 
     # With a ``budget`` (bytes of bodies), the messages chosen end with the first one that
     # reaches it; a shared body (not in the row) counts as :shared bytes.
@@ -107,11 +106,10 @@ def first_ready(
     if budget is not None:
         size = sa.case((m.c.body_id.is_(None), sa.func.length(m.c.body)), else_=param("shared"))
         sized = [size.label("size")]
-    key = m.c.id.label("key")
 
     def look(state: sa.ColumnElement[bool]) -> sa.Subquery:
         chosen = (
-            sa.select(key, m.c.id, m.c.priority, *sized)
+            sa.select(m.c.id, m.c.priority, *sized)
             .where(m.c.channel == channel, state, alive(now), sa.true() if where is None else where)
             .order_by(m.c.priority, m.c.id)
             .limit(count)
@@ -126,19 +124,19 @@ def first_ready(
     ).subquery()
     order = (both.c.priority, both.c.id)
     if budget is None:
-        return sa.select(both.c.key).order_by(*order).limit(count)
+        return sa.select(both.c.id).order_by(*order).limit(count)
     before = sa.func.sum(both.c.size).over(order_by=order) - both.c.size
-    ranked = sa.select(both.c.key, both.c.priority, both.c.id, before.label("before")).subquery()
+    ranked = sa.select(both.c.id, both.c.priority, before.label("before")).subquery()
     return (
-        sa.select(ranked.c.key)
+        sa.select(ranked.c.id)
         .where(ranked.c.before < budget)
         .order_by(ranked.c.priority, ranked.c.id)
         .limit(count)
     )
 
 
-def rows_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]:
-    """The rows whose ids ``chosen`` (``first_ready``) selects. On PostgreSQL a join (the
+def ids_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]:
+    """``id`` among the ids ``chosen`` (``first_ready``) selects. On PostgreSQL a join (the
     statement's FROM), planned as an index lookup per row chosen: a claim is estimated at
     the few rows it takes, whatever the table's statistics say. By an array of ids
     (``id = ANY(...)``, estimated at ten elements) the planner scanned the whole table
@@ -149,7 +147,7 @@ def rows_in(chosen: sa.Select[Any], *, postgres: bool) -> sa.ColumnElement[bool]
     cannot see, and would be locked but left unclaimed."""
     if not postgres:
         return m.c.id.in_(chosen)
-    return m.c.id == chosen.subquery("chosen").c.key
+    return m.c.id == chosen.subquery("chosen").c.id
 
 
 def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.ColumnElement[bool]:
