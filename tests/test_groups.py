@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import random
 import time
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from linger.http.keys import BROKER
-from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
+from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, bodies
 from linger.store.records import Options
 
 from .conftest import ClientFactory, NoDeadlocks
 from .helpers import (
     Client,
+    Probe,
     add,
     connection,
     error,
@@ -26,7 +30,8 @@ from .helpers import (
     stats,
     status_of,
 )
-from .test_topics import _DROP_TRIGGER, _FAIL_TRIGGER, _execute
+from .test_counts import _actual, _counted, _rows
+from .test_topics import _DROP_TRIGGER, _FAIL_TRIGGER, _execute, publish, subscribe
 
 QUIET = {"sweep_interval": 60.0, "poll_interval": 60.0}
 
@@ -214,3 +219,179 @@ async def test_exhausted_pool_is_a_prompt_503(client: Client, backend: str) -> N
     assert (
         await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
     ).status == 202
+
+
+class _Routed:
+    """Counts the runs of ``Messages``' transactional add and delete: on PostgreSQL a
+    write alone in its group runs as one statement instead (``Driver.write``'s
+    ``lone``), and these run only in groups of several, with a mark, or when it
+    declined."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, client: Client) -> None:
+        self.runs = {"add": 0, "delete": 0}
+        storage = client.app[BROKER].storage.messages
+        for name in self.runs:
+            original = getattr(storage, f"_{name}_operation")
+
+            def counted(*args: Any, _name: str = name, _original: Any = original) -> Any:
+                self.runs[_name] += 1
+                return _original(*args)
+
+            monkeypatch.setattr(storage, f"_{name}_operation", counted)
+
+
+async def test_a_write_alone_keeps_the_counts_in_one_statement(
+    make_client: ClientFactory, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request at a time: each add and delete is alone in its group; the counts stay
+    exact whichever way it ran, and on PostgreSQL it ran as one statement unless it had to
+    take the transaction (a mark to check, a shared body to release)."""
+    client = await make_client(**QUIET)
+    routed = _Routed(monkeypatch, client)
+    ids = [await add(client, "c") for _ in range(5)]
+    assert await _counted(client) == await _actual(client) == {"c": 5}
+    for message_id in ids[:3]:
+        assert (await client.delete(f"/messages/{message_id}")).status == 204
+    assert await _counted(client) == await _actual(client) == {"c": 2}
+    lone = backend == "postgresql"
+    assert routed.runs == ({"add": 0, "delete": 0} if lone else {"add": 5, "delete": 3})
+    # A body shared by a publish: the delete declines and the transaction releases it.
+    for name in ("s1", "s2"):
+        await subscribe(client, name, "t")
+    await publish(client, "t", b"x" * 5000)
+    got = await get(client, "s1")
+    assert (await client.delete(f"/messages/{got.headers['x-linger-msg-id']}")).status == 204
+    assert routed.runs["delete"] == (1 if lone else 4)
+    assert await _rows(client, sa.select(bodies.c.refs)) == [(1,)]
+    got = await get(client, "s2")
+    assert (await client.delete(f"/messages/{got.headers['x-linger-msg-id']}")).status == 204
+    assert await _rows(client, sa.select(bodies.c.id)) == []
+    assert await _counted(client) == await _actual(client) == {"c": 2}
+
+
+async def test_a_write_alone_with_a_mark_checks_it_in_the_transaction(
+    make_client: ClientFactory, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client(hlm=2, **QUIET)
+    routed = _Routed(monkeypatch, client)
+    await add(client, "c")
+    await add(client, "c")
+    response = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
+    await error(response, 507, "Channel c is at the high-level mark with 2 messages")
+    assert routed.runs["add"] == 3
+    assert await _counted(client) == await _actual(client) == {"c": 2}
+
+
+async def test_a_delete_alone_that_fails_says_why_and_changes_nothing(
+    client: Client, backend: str
+) -> None:
+    """The lone delete's refusals are the transaction's: gone, stale lease, not hidden
+    (for touch), each a JSON error; the count is untouched."""
+    message_id = await add(client, "c")
+    got = await get(client, "c")
+    lease = got.headers["x-linger-lease"]
+    stale = f"{message_id}.{int(lease.split('.')[1]) ^ 1}"
+    await error(
+        await client.delete(f"/messages/{message_id}", params={"lease": stale}),
+        409,
+        "Lease is stale.",
+    )
+    await error(await client.delete("/messages/999999"), 404, "Message not found.")
+    assert await _counted(client) == await _actual(client) == {"c": 1}
+    response = await client.delete(f"/messages/{message_id}", params={"lease": lease})
+    assert response.status == 204
+    await error(await client.delete(f"/messages/{message_id}"), 404, "Message not found.")
+    assert await _counted(client) == await _actual(client) == {}
+
+
+async def test_lone_and_grouped_writes_racing_keep_every_count_and_lease(
+    make_client: ClientFactory,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    no_deadlocks: NoDeadlocks | None,
+) -> None:
+    """Producers and consumers at a pace that leaves many writes alone in their groups and
+    puts others together, on three channels, with topics sharing bodies: every message is
+    delivered once (its lease never handed out twice), deleted once, and each channel's
+    kept count equals its rows at the end; PostgreSQL reported no deadlock."""
+    client = await make_client(**QUIET)
+    for name in ("a", "b", "c"):
+        await subscribe(client, name, "t")
+    routed = _Routed(monkeypatch, client)
+    adds = itertools.count()
+    rng = random.Random(11)
+    produced: list[int] = []
+    delivered: list[int] = []
+    deleted: list[int] = []
+    stop = time.monotonic() + 2.0
+
+    async def producer(k: int) -> None:
+        while time.monotonic() < stop:
+            if k == 0 and rng.random() < 0.2:
+                ids = await publish(client, "t", b"y" * rng.choice([10, 5000]))
+                produced.extend(ids.values())
+            else:
+                produced.append(await add(client, rng.choice("abc")))
+                next(adds)
+            await asyncio.sleep(rng.choice([0, 0.002, 0.01]))
+
+    async def consumer() -> None:
+        while time.monotonic() < stop:
+            got = await get(client, rng.choice("abc"))
+            if got.status == 200:
+                message_id = int(got.headers["x-linger-msg-id"])
+                delivered.append(message_id)
+                lease = got.headers["x-linger-lease"]
+                response = await client.delete(f"/messages/{message_id}", params={"lease": lease})
+                assert response.status == 204, await response.text()
+                deleted.append(message_id)
+            await asyncio.sleep(rng.choice([0, 0.003]))
+
+    await asyncio.gather(*(producer(k) for k in range(3)), *(consumer() for _ in range(8)))
+    assert len(delivered) == len(set(delivered)) == len(deleted) > 50
+    assert set(deleted) <= set(produced)
+    left = await _actual(client)
+    assert sum(left.values()) == len(produced) - len(deleted)
+    assert await _counted(client) == left
+    refs = await _rows(client, sa.select(bodies.c.refs))
+    assert all(count > 0 for (count,) in refs)
+    if backend == "postgresql":  # both ways were taken
+        assert 0 < routed.runs["add"] < next(adds) - 1
+    if no_deadlocks is not None:
+        await no_deadlocks.check()
+
+
+async def test_hostile_deletes_alone_get_json_4xx_and_others_are_served(
+    client: Client,
+) -> None:
+    """Deletes by ids and leases that cannot match (out of range, malformed, another
+    message's lease, ids of nothing), one after another and 200 at once: each a JSON 4xx,
+    nothing deleted, a probe answered promptly throughout."""
+    kept = [await add(client, "c") for _ in range(3)]
+    got = await get(client, "c")
+    lease = got.headers["x-linger-lease"]
+    values = [
+        (str(kept[-1] + 1000), {}),
+        ("-1", {}),
+        (str(2**63), {}),
+        ("abc", {}),
+        (str(kept[1]), {"lease": lease}),
+        (str(kept[0]), {"lease": "x.y"}),
+        (str(kept[0]), {"lease": f"{kept[0]}.{2**62}"}),
+        (str(kept[0]), {"lease": f"{kept[0]}.0"}),
+        ("0", {"lease": "\udcff"}),
+    ]
+    async with Probe(client, "/health") as probe:
+        for path, params in values:
+            response = await client.delete(f"/messages/{path}", params=params)
+            assert 400 <= response.status < 500, (path, params, response.status)
+            assert "error" in await response.json()
+        responses = await asyncio.gather(
+            *(client.delete(f"/messages/{10**6 + i}") for i in range(200))
+        )
+        for response in responses:
+            await error(response, 404, "Message not found.")
+    assert probe.answered > 0
+    assert probe.worst < 0.5, probe.worst
+    assert (await stats(client, "c")) == {"ready": 2, "hidden": 1}
+    assert await _counted(client) == await _actual(client) == {"c": 3}

@@ -116,6 +116,16 @@ def raise_for(rows: list[Row], lease: int | None, scope: Patterns | None = None)
     raise errors.NotHidden()
 
 
+def would_act(rows: list[Row], lease: int | None, scope: Patterns | None = None) -> bool:
+    """Whether the live message that ``explain_stmt`` found (``rows``) is one that an
+    operation presenting ``lease`` with ``scope`` may act on (its lease and channel
+    allow it)."""
+    if not rows:
+        return False
+    lease_now, _hidden, channel = rows[0]
+    return (scope is None or scope.allows(channel)) and (lease is None or lease_now == lease)
+
+
 Build = Callable[[tuple[sa.ColumnElement[bool], ...]], Any]
 
 
@@ -188,8 +198,11 @@ class Leases:
         operation: Callable[[dict[str, Any], Tally], Operation[T]],
         message_id: int,
         scope: Patterns | None,
+        atomic: bool = True,
         **params: Any,
     ) -> T:
+        """Run ``operation`` on message ``message_id``; ``atomic=False`` for one statement
+        that notes nothing in the ledger (alone in its group: no transaction)."""
         params = {
             "id": message_id,
             "now": self.now(),
@@ -197,7 +210,9 @@ class Leases:
             **scoped(scope, postgres=self._driver.postgres),
             **params,
         }
-        return await self._driver.write(partial(operation, params), key=("message", message_id))
+        return await self._driver.write(
+            partial(operation, params), atomic=atomic, key=("message", message_id)
+        )
 
     async def touch(
         self,
@@ -208,7 +223,9 @@ class Leases:
     ) -> None:
         """Restart the lease of a hidden message, for ``seconds`` (default: its timeout).
         With ``scope``, only a message in a channel it covers (else ``NotAllowed``)."""
-        await self._act(self._touch_operation, message_id, scope, nonce=lease, seconds=seconds)
+        await self._act(
+            self._touch_operation, message_id, scope, False, nonce=lease, seconds=seconds
+        )
 
     def _touch_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
         if not (yield self._touch(params), params):
@@ -219,7 +236,9 @@ class Leases:
     ) -> str | None:
         """Give a hidden message back: ready at once (return its channel, to wake its
         consumers), or delayed ``delay`` s (return None)."""
-        return await self._act(self._release_operation, message_id, scope, nonce=lease, delay=delay)
+        return await self._act(
+            self._release_operation, message_id, scope, False, nonce=lease, delay=delay
+        )
 
     def _release_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:
         rows = yield self._release(params), params

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import postgresql
 
 from linger.store.db import bodies, channels, messages
 from linger.store.driver import Driver, Operation, Outcome, Prepared, Row
-from linger.store.sql import given, given_ids, greatest, param
+from linger.store.sql import counts_upsert, given, given_ids, param
 
 c = channels
 Refusal = Callable[[Outcome, int], None]
@@ -57,7 +57,6 @@ class LedgerStatements:
     def __init__(self, driver: Driver[Tally]) -> None:
         prepare = driver.prepare
         self.postgres = driver.postgres
-        upsert: Any
         if driver.postgres:
             rows = (
                 sa.func.unnest(
@@ -70,23 +69,14 @@ class LedgerStatements:
             )
             # Rows are inserted, and so locked, in name order.
             chosen = sa.select(rows.c.name, rows.c.polled_at, rows.c.messages).order_by(rows.c.name)
-            upsert = postgresql.insert(c).from_select(["name", "polled_at", "messages"], chosen)
         else:
             # One statement for every channel too: the rows come as a JSON array.
             rows = sa.func.json_each(param("rows", sa.String)).table_valued("value")
             fields = [sa.func.json_extract(rows.c.value, f"$[{i}]") for i in range(3)]
             # WHERE: SQLite's upsert after a SELECT needs one, to parse.
             chosen = sa.select(*fields).where(sa.true())
-            upsert = sqlite.insert(c).from_select(["name", "polled_at", "messages"], chosen)
-        self.upsert = prepare(
-            upsert.on_conflict_do_update(
-                index_elements=[c.c.name],
-                set_={
-                    "messages": c.c.messages + upsert.excluded.messages,
-                    "polled_at": greatest(c.c.polled_at, upsert.excluded.polled_at),
-                },
-            ).returning(c.c.name, c.c.messages)
-        )
+        upsert = counts_upsert(chosen, postgres=driver.postgres)
+        self.upsert = prepare(upsert.returning(c.c.name, c.c.messages))
         self.correct = prepare(
             sa.update(c)
             .where(c.c.name == param("name", sa.String))

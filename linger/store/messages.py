@@ -14,7 +14,7 @@ from linger import errors
 from linger.auth.scopes import Patterns
 from linger.store import leases
 from linger.store.db import bodies, messages
-from linger.store.driver import LIGHT_ROWS, Driver, Operation, Prepared, Row, single
+from linger.store.driver import LIGHT_ROWS, Declined, Driver, Operation, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.records import Detail, Message, Options
 from linger.store.sql import (
@@ -35,6 +35,7 @@ from linger.store.sql import (
     param,
     parked,
     queued,
+    recounted,
 )
 
 m = messages
@@ -124,6 +125,8 @@ class Messages:
         prepare = driver.prepare
         insert = insert_one()
         self._add = prepare(announced(insert, postgres=postgres))
+        # Alone in its group, an add on PostgreSQL keeps its channel's count itself.
+        self._add_counted = prepare(announced(insert, postgres=postgres, change=1))
         self._claim = prepare(_claim_stmt(postgres))
         self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))
         self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
@@ -131,11 +134,10 @@ class Messages:
         self._delete = leases.Scoped(
             driver,
             lambda within: (
-                sa.delete(m)
-                .where(m.c.id == param("id"), alive(now_), leases.presented(), *within)
-                .returning(m.c.channel, m.c.body_id)
+                sa.delete(m).where(*_deletable(now_, within)).returning(m.c.channel, m.c.body_id)
             ),
         )
+        self._delete_counted = leases.Scoped(driver, partial(_delete_counted, now_))
         self._explain = prepare(leases.explain_stmt())
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
         self._drain = [
@@ -186,9 +188,16 @@ class Messages:
             "origin": self.origin,
             "dead_at": now + ms(options.linger) if options.linger > 0 else None,
         }
-        return await self._driver.write(partial(self._add_operation, params, hlm))
+        # The high-level mark is checked by the ledger, with the channel's row locked.
+        lone = None
+        if self._driver.postgres and hlm == 0:
+            lone = partial(single, self._add_counted, params)
+        rows = await self._driver.write(partial(self._add_operation, params, hlm), lone=lone)
+        return int(rows[0][1])
 
-    def _add_operation(self, params: dict[str, Any], hlm: int, ledger: Tally) -> Operation[int]:
+    def _add_operation(
+        self, params: dict[str, Any], hlm: int, ledger: Tally
+    ) -> Operation[list[Row]]:
         rows = yield self._add, params
         message_id = int(rows[0][1])
         channel = params["channel"]
@@ -199,7 +208,7 @@ class Messages:
             )
 
         ledger.added(channel, message_id, hlm=hlm, refuse=refuse)
-        return message_id
+        return rows
 
     async def claim(
         self,
@@ -261,8 +270,20 @@ class Messages:
             **leases.scoped(scope, postgres=self._driver.postgres),
         }
         await self._driver.write(
-            partial(self._delete_operation, params), key=("message", message_id)
+            partial(self._delete_operation, params),
+            key=("message", message_id),
+            lone=partial(self._delete_lone, params) if self._driver.postgres else None,
         )
+
+    def _delete_lone(self, params: dict[str, Any]) -> Operation[None]:
+        """A delete that keeps the count in its statement; declined for a message whose
+        body is shared (the ledger counts the body's references)."""
+        if (yield self._delete_counted(params), params):
+            return
+        rows = yield self._explain, params
+        if not rows or not leases.would_act(rows, params["nonce"], params["scope"]):
+            leases.raise_for(rows, params["nonce"], params["scope"])
+        raise Declined()
 
     def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
         rows = yield self._delete(params), params
@@ -354,6 +375,24 @@ class Messages:
             channel: (counts.get(channel, 0), soonest.get(channel))
             for channel in counts.keys() | soonest.keys()
         }
+
+
+def _deletable(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> list[Any]:
+    """What ``Messages.delete`` deletes: :id, alive, its lease presented (or none),
+    ``within`` a scope."""
+    return [m.c.id == param("id"), alive(now), leases.presented(), *within]
+
+
+def _delete_counted(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> Any:
+    """The delete of ``Messages.delete`` for a message whose body is not shared, moving
+    its channel's count in the same statement (PostgreSQL); returns the channel."""
+    gone = (
+        sa.delete(m)
+        .where(*_deletable(now, within), m.c.body_id.is_(None))
+        .returning(m.c.channel)
+        .cte("gone")
+    )
+    return sa.select(gone.c.channel).add_cte(recounted(gone, -1))
 
 
 def _message(row: Row, body: bytes, lease: str | None = None) -> Message:

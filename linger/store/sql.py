@@ -6,10 +6,10 @@ import json
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 from linger.auth.scopes import Patterns
-from linger.store.db import messages
+from linger.store.db import channels, messages
 
 m = messages
 
@@ -53,6 +53,30 @@ def ms_sql(seconds: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
 def greatest(a: sa.ColumnElement[int], b: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
     """The larger of two values, on every backend."""
     return sa.case((a > b, a), else_=b)
+
+
+def counts_upsert(chosen: sa.Select[Any], *, postgres: bool) -> Any:
+    """An upsert of the channels' rows from ``chosen`` (name, polled_at, change in
+    messages): each count moves by its change, polled_at keeps the later time."""
+    insert = postgresql.insert if postgres else sqlite.insert
+    upsert = insert(channels).from_select(["name", "polled_at", "messages"], chosen)
+    return upsert.on_conflict_do_update(
+        index_elements=[channels.c.name],
+        set_={
+            "messages": channels.c.messages + upsert.excluded.messages,
+            "polled_at": greatest(channels.c.polled_at, upsert.excluded.polled_at),
+        },
+    )
+
+
+def recounted(changed: Any, change: int) -> Any:
+    """On PostgreSQL, a data-changing CTE that moves the count of each channel that the
+    rows of ``changed`` (a data-changing CTE of messages returning ``channel``) name by
+    ``change`` per row: a write alone in its group keeps the counts in its own statement,
+    without the ledger's transaction. One channel per statement, so it locks one row."""
+    delta = sa.literal_column(str(change), sa.BigInteger)
+    chosen = sa.select(changed.c.channel, sa.literal_column("0", sa.BigInteger), delta)
+    return counts_upsert(chosen, postgres=True).cte("counted")
 
 
 def alive(now: sa.ColumnElement[int]) -> sa.ColumnElement[bool]:
@@ -216,14 +240,18 @@ INSERT_TYPES: dict[str, Any] = {
 NOTIFY_CHANNEL = "linger"
 
 
-def announced(stmt: Any, *columns: Any, postgres: bool, counted: bool = False) -> sa.ClauseElement:
+def announced(
+    stmt: Any, *columns: Any, postgres: bool, counted: bool = False, change: int = 0
+) -> sa.ClauseElement:
     """``stmt`` (an insert or update of messages) returning (channel, id, *columns) of
     each message it made ready. On PostgreSQL it also NOTIFYs each one's channel, tagged
     with :origin (the process), in the same statement: the notifications go out at
     commit, and a rollback sends none. PostgreSQL delivers one notification per distinct
     payload of a transaction: with ``counted`` (statements of many messages), the payload
     carries how many messages the statement made ready in the channel
-    (``<origin>/<count>:<channel>``), so that as many consumers wake elsewhere."""
+    (``<origin>/<count>:<channel>``), so that as many consumers wake elsewhere. With
+    ``change`` (PostgreSQL), the statement moves each row's channel count by that much
+    too (``recounted``)."""
     stmt = stmt.returning(m.c.channel, m.c.id, *columns)
     if not postgres:
         returning: sa.ClauseElement = stmt
@@ -235,7 +263,8 @@ def announced(stmt: Any, *columns: Any, postgres: bool, counted: bool = False) -
         payload = sa.func.concat(origin, "/", count, ":", changed.c.channel)
     else:
         payload = sa.func.concat(origin, ":", changed.c.channel)
-    return sa.select(*changed.c, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
+    select = sa.select(*changed.c, sa.func.pg_notify(NOTIFY_CHANNEL, payload))
+    return select.add_cte(recounted(changed, change)) if change else select
 
 
 def given_ids(*, postgres: bool, table: sa.FromClause = m) -> sa.ColumnElement[bool]:
