@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[Figure, str]] = {
     "produce": (scenarios.produce, "msg/s"),
     "consume": (scenarios.consume, "msg/s"),
     "cycle": (scenarios.cycle, "cycles/s"),
+    "cycle-1": (lambda server, size: scenarios.cycle(server, size, 1), "cycles/s"),
     "depth": (scenarios.depth, "cycles/s"),
     "inflight": (scenarios.inflight, "cycles/s"),
     "batch": (scenarios.batch, "msg/s"),

@@ -269,19 +269,20 @@ def consume(server: Server, size: Size) -> Run:
     return Run(result.rate, result.ops, cpu)
 
 
-def _cycle(server: Server, size: Size, channel: str) -> Run:
+def _cycle(server: Server, size: Size, channel: str, connections: int = 16) -> Run:
     """The cycle on ``channel`` for ``size.seconds``; each cycle moves one message."""
     token = server.headers.get("Authorization", "").removeprefix("Bearer ")
     with server.metered() as cpu:
         args = [channel, token] if token else [channel]
-        result = wrk(server, "cycle.lua", args, connections=16, seconds=size.seconds)
+        result = wrk(server, "cycle.lua", args, connections=connections, seconds=size.seconds)
     _require(result.errors == 0, f"cycle: {result.errors} errors")
     return Run(result.rate, result.ops, cpu)
 
 
-def cycle(server: Server, size: Size) -> Run:
-    """Full cycles (POST, GET ?nowait, DELETE) per second by 16 connections."""
-    result = _cycle(server, size, "cycle")
+def cycle(server: Server, size: Size, connections: int = 16) -> Run:
+    """Full cycles (POST, GET ?nowait, DELETE) per second by 16 connections (or
+    ``connections``: one is a lightly loaded server, each request waiting for the last)."""
+    result = _cycle(server, size, "cycle", connections)
     # wrk stops connections mid-cycle: their last acknowledged messages are still queued.
     leftover = drain(server, "cycle")
     _require(leftover <= IN_FLIGHT, f"cycle: {leftover} messages left behind")
