@@ -4,14 +4,20 @@ a hang, and service that resumes by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import sqlite3
+import struct
 import time
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+import sqlalchemy as sa
+
+from linger.store import driver as driver_module
 
 from .conftest import ClientFactory
 from .helpers import Client, add, connection, error, get, server_stats
@@ -94,6 +100,102 @@ async def test_killed_pool_connections_give_503_then_recover(
         assert time.monotonic() - started < 5, statuses
     got = await get(client, "c")
     assert got.headers["x-linger-msg-id"] == str(kept)
+
+
+class _Forgetful:
+    """A TCP proxy in front of PostgreSQL that, once told to ``forget``, resets each
+    connection it carried until then at the next byte sent through it: a firewall or NAT
+    that dropped the flows while they were idle, which neither end was told of."""
+
+    def __init__(self, url: str) -> None:
+        self._target = sa.make_url(url)
+        self._forget = False
+        self._writers: list[asyncio.StreamWriter] = []
+        self._carrying: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._carry, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return self._target.set(port=port).render_as_string(hide_password=False)
+
+    def forget(self) -> None:
+        self._forget = True
+
+    async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._carrying.add(task)
+        target = self._target
+        up_reader, up_writer = await asyncio.open_connection(target.host, target.port)
+        self._writers += [writer, up_writer]
+        born_forgotten = self._forget
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if self._forget and not born_forgotten:
+                        # A reset (SO_LINGER 0), not a close: the client learns on reading.
+                        linger = struct.pack("ii", 1, 0)
+                        writer.get_extra_info("socket").setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, linger
+                        )
+                        writer.close()
+                        up_writer.close()
+                        return
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def close(self) -> None:
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await asyncio.gather(*self._carrying, return_exceptions=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    "action", ["add", "add at a mark", "claim", "delete", "touch", "release", "stats"]
+)
+async def test_pooled_connections_dropped_while_idle_are_replaced_unseen(
+    make_client: ClientFactory, database_url: str, action: str
+) -> None:
+    """Every pooled connection is dropped by the network while idle (no FIN, no RST until
+    it is used): the next request of each kind is served, on a new connection, without a
+    503. A connection idle for a moment is pinged before it is lent again; without that,
+    a write alone in its group (no BEGIN to fail first) could only answer 503."""
+    proxy = _Forgetful(database_url)
+    url = await proxy.start()
+    try:
+        client = await make_client(
+            db=url,
+            hlm=1000 if action == "add at a mark" else 0,
+            sweep_interval=60.0,
+            poll_interval=60.0,
+        )
+        await asyncio.gather(*(add(client, "c") for _ in range(6)))
+        got = await get(client, "c")
+        message_id, lease = got.headers["x-linger-msg-id"], got.headers["x-linger-lease"]
+        proxy.forget()
+        await asyncio.sleep(driver_module._PING_AFTER + 0.1)
+        if action.startswith("add"):
+            response = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
+        elif action == "claim":
+            response = await get(client, "c")
+        elif action == "delete":
+            response = await client.delete(f"/messages/{message_id}", params={"lease": lease})
+        elif action == "stats":
+            response = await client.get("/channels/c/stats")
+        else:
+            response = await client.post(
+                f"/messages/{message_id}/{action}", params={"lease": lease}
+            )
+        assert response.status < 300, await response.text()
+        await client.close()
+    finally:
+        await proxy.close()
 
 
 OUTAGE_SECONDS = float(os.environ.get("LINGER_TEST_OUTAGE_SECONDS", "3"))

@@ -142,6 +142,10 @@ _STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
 LIGHT_ROWS = 10
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
+# A PostgreSQL connection idle this long (seconds) is pinged before it is lent again, and
+# replaced when it does not answer within _PING_TIMEOUT.
+_PING_AFTER = 0.5
+_PING_TIMEOUT = 2.0
 
 
 def _is_busy(error: BaseException) -> bool:
@@ -309,20 +313,42 @@ class _Lender:
     costs more CPU than a short statement: the lender keeps the connections it took and
     lends them again. It takes at most ``limit`` from the pool, keeps up to ``keep`` idle
     (the others go back, so that a burst's overflow connections close), and queues the
-    operations beyond ``limit`` for up to ``POOL_TIMEOUT`` seconds, oldest first."""
+    operations beyond ``limit`` for up to ``POOL_TIMEOUT`` seconds, oldest first.
 
-    def __init__(self, engine: AsyncEngine, limit: int, keep: int) -> None:
+    With ``ping``, a connection idle for more than ``_PING_AFTER`` seconds is pinged before
+    it is lent (the most recently used is lent first, so a busy server never pings): one
+    that died silently (a firewall or NAT that forgot it, a failover) is replaced. Without
+    the ping, only a BEGIN would find it; a statement run without one (a write alone in
+    its group, a read) could not tell whether it ran, and would fail with a 503."""
+
+    def __init__(self, engine: AsyncEngine, limit: int, keep: int, *, ping: bool) -> None:
         self._engine = engine
         self._limit = limit
         self._keep = keep
+        self._ping = ping
         self._taken = 0  # lent, idle, or being made
-        self._idle: list[Lent] = []
+        # Idle connections, each with the time it was given back.
+        self._idle: list[tuple[Lent, float]] = []
         # A waiter gets a connection given back, or None: the place of one that went.
         self._waiting: deque[asyncio.Future[Lent | None]] = deque()
 
     async def borrow(self) -> Lent:
-        if self._idle:
-            return self._idle.pop()
+        while self._idle:
+            idle, since = self._idle.pop()
+            if not self._ping or time.monotonic() - since < _PING_AFTER:
+                return idle
+            try:
+                alive = await _alive(idle[1])
+            except BaseException:  # cancelled mid-ping: the connection's state is unknown
+                self.gone()
+                await idle[0].invalidate()
+                raise
+            if alive:
+                return idle
+            # Dead: its place is for a new connection, made below.
+            with suppress(Exception):
+                await idle[0].invalidate()
+            self._taken -= 1
         if self._taken < self._limit:
             self._taken += 1
         else:
@@ -370,7 +396,7 @@ class _Lender:
         if waiter is not None:
             waiter.set_result(lent)
         elif len(self._idle) < self._keep:
-            self._idle.append(lent)
+            self._idle.append((lent, time.monotonic()))
         else:
             self._taken -= 1
             await lent[0].close()  # to the pool, which may close it
@@ -386,9 +412,18 @@ class _Lender:
     async def close(self) -> None:
         """Give the idle connections back to the pool (before the engine is disposed)."""
         idle, self._idle = self._idle, []
-        for conn, _raw in idle:
+        for (conn, _raw), _since in idle:
             self._taken -= 1
             await conn.close()
+
+
+async def _alive(raw: Any) -> bool:
+    """Whether an idle PostgreSQL connection answers, within ``_PING_TIMEOUT``."""
+    try:
+        await asyncio.wait_for(raw.execute("SELECT 1"), _PING_TIMEOUT)
+    except (*_LOST, asyncpg.PostgresError):
+        return False
+    return True
 
 
 class Driver(Generic[L]):
@@ -413,7 +448,7 @@ class Driver(Generic[L]):
             limit, keep = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE
         else:
             limit = keep = engine.pool.size()  # type: ignore[attr-defined]
-        self._lender = _Lender(engine, limit, keep)
+        self._lender = _Lender(engine, limit, keep, ping=self.postgres)
         # Observers (metrics): each group's size and seconds, each read's seconds, and
         # how many operations found the database unavailable.
         self.on_group: Callable[[int, float], None] | None = None

@@ -96,11 +96,13 @@ def rejectable() -> sa.ColumnElement[bool]:
     return sa.and_(m.c.dead.is_not(None), m.c.dead_from.is_(None))
 
 
-def explain_stmt() -> sa.Select[Any]:
+def explain_stmt(*where: sa.ColumnElement[bool]) -> sa.Select[Any]:
     """Why a lease operation on :id changed nothing: (lease, hidden, channel) of the live
-    row."""
+    row (and ``where``)."""
     now = param("now")
-    return sa.select(m.c.lease, hidden(now), m.c.channel).where(m.c.id == param("id"), alive(now))
+    return sa.select(m.c.lease, hidden(now), m.c.channel).where(
+        m.c.id == param("id"), alive(now), *where
+    )
 
 
 def raise_for(rows: list[Row], lease: int | None, scope: Patterns | None = None) -> None:

@@ -125,8 +125,6 @@ class Messages:
         prepare = driver.prepare
         insert = insert_one()
         self._add = prepare(announced(insert, postgres=postgres))
-        # Alone in its group, an add on PostgreSQL keeps its channel's count itself.
-        self._add_counted = prepare(announced(insert, postgres=postgres, change=1))
         self._claim = prepare(_claim_stmt(postgres))
         self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))
         self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
@@ -137,7 +135,9 @@ class Messages:
                 sa.delete(m).where(*_deletable(now_, within)).returning(m.c.channel, m.c.body_id)
             ),
         )
-        self._delete_counted = leases.Scoped(driver, partial(_delete_counted, now_))
+        # Alone in its group, an add or a delete on PostgreSQL keeps the channel's count
+        # in its own statement (``Driver.write``'s ``lone``).
+        self._lone = _Lone(driver, insert, now_) if postgres else None
         self._explain = prepare(leases.explain_stmt())
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
         self._drain = [
@@ -190,8 +190,8 @@ class Messages:
         }
         # The high-level mark is checked by the ledger, with the channel's row locked.
         lone = None
-        if self._driver.postgres and hlm == 0:
-            lone = partial(single, self._add_counted, params)
+        if self._lone is not None and hlm == 0:
+            lone = partial(single, self._lone.add, params)
         rows = await self._driver.write(partial(self._add_operation, params, hlm), lone=lone)
         return int(rows[0][1])
 
@@ -272,17 +272,18 @@ class Messages:
         await self._driver.write(
             partial(self._delete_operation, params),
             key=("message", message_id),
-            lone=partial(self._delete_lone, params) if self._driver.postgres else None,
+            lone=None if self._lone is None else partial(self._delete_lone, self._lone, params),
         )
 
-    def _delete_lone(self, params: dict[str, Any]) -> Operation[None]:
+    def _delete_lone(self, lone: _Lone, params: dict[str, Any]) -> Operation[None]:
         """A delete that keeps the count in its statement; declined for a message whose
         body is shared (the ledger counts the body's references)."""
-        if (yield self._delete_counted(params), params):
+        rows = yield lone.delete(params), params
+        if rows and rows[0][3]:
             return
-        rows = yield self._explain, params
-        if not rows or not leases.would_act(rows, params["nonce"], params["scope"]):
-            leases.raise_for(rows, params["nonce"], params["scope"])
+        why = [row[:3] for row in rows]
+        if not leases.would_act(why, params["nonce"], params["scope"]):
+            leases.raise_for(why, params["nonce"], params["scope"])
         raise Declined()
 
     def _delete_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
@@ -383,16 +384,32 @@ def _deletable(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> list[Any
     return [m.c.id == param("id"), alive(now), leases.presented(), *within]
 
 
+class _Lone:
+    """The statements of a single add and delete that keep the channel's count
+    themselves (PostgreSQL's data-changing CTEs)."""
+
+    def __init__(self, driver: Driver[Tally], insert: sa.Insert, now: Any) -> None:
+        self.add = driver.prepare(announced(insert, postgres=True, change=1))
+        self.delete = leases.Scoped(driver, partial(_delete_counted, now))
+
+
 def _delete_counted(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> Any:
     """The delete of ``Messages.delete`` for a message whose body is not shared, moving
-    its channel's count in the same statement (PostgreSQL); returns the channel."""
+    its channel's count in the same statement (PostgreSQL). One row: (-, -, channel,
+    true) when it deleted, else ``explain_stmt``'s row (lease, hidden, channel) and false:
+    the explanation costs no second round trip. (That row is read in the statement's
+    snapshot, from before any change it waited for: an explanation that says the delete
+    should have acted only sends the operation to its transaction, which looks again.)"""
     gone = (
         sa.delete(m)
         .where(*_deletable(now, within), m.c.body_id.is_(None))
         .returning(m.c.channel)
         .cte("gone")
     )
-    return sa.select(gone.c.channel).add_cte(recounted(gone, -1))
+    deleted = sa.select(sa.null(), sa.null(), gone.c.channel, sa.true())
+    kept = sa.not_(sa.exists(sa.select(gone.c.channel)))
+    explained = leases.explain_stmt(kept).add_columns(sa.false())
+    return sa.union_all(deleted, explained).add_cte(recounted(gone, -1))
 
 
 def _message(row: Row, body: bytes, lease: str | None = None) -> Message:

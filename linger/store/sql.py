@@ -254,6 +254,8 @@ def announced(
     too (``recounted``)."""
     stmt = stmt.returning(m.c.channel, m.c.id, *columns)
     if not postgres:
+        if change:
+            raise ValueError("a statement keeps counts itself only on PostgreSQL")
         returning: sa.ClauseElement = stmt
         return returning
     changed = stmt.cte("changed")
