@@ -16,7 +16,9 @@ import aiohttp
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from linger.store import db
 from linger.store import driver as driver_module
 
 from .conftest import ClientFactory
@@ -104,12 +106,14 @@ async def test_killed_pool_connections_give_503_then_recover(
 
 class _Forgetful:
     """A TCP proxy in front of PostgreSQL that, once told to ``forget``, resets each
-    connection it carried until then at the next byte sent through it: a firewall or NAT
-    that dropped the flows while they were idle, which neither end was told of."""
+    connection it carried until then at the next byte sent through it (or, with
+    ``silently``, drops every byte of it): a firewall or NAT that dropped the flows while
+    they were idle, which neither end was told of."""
 
     def __init__(self, url: str) -> None:
         self._target = sa.make_url(url)
         self._forget = False
+        self._silently = False
         self._writers: list[asyncio.StreamWriter] = []
         self._carrying: set[asyncio.Task[Any]] = set()
 
@@ -118,8 +122,9 @@ class _Forgetful:
         port = self._server.sockets[0].getsockname()[1]
         return self._target.set(port=port).render_as_string(hide_password=False)
 
-    def forget(self) -> None:
+    def forget(self, *, silently: bool = False) -> None:
         self._forget = True
+        self._silently = silently
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -133,6 +138,8 @@ class _Forgetful:
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError):
                 while data := await source.read(65536):
+                    if self._forget and not born_forgotten and self._silently:
+                        continue
                     if self._forget and not born_forgotten:
                         # A reset (SO_LINGER 0), not a close: the client learns on reading.
                         linger = struct.pack("ii", 1, 0)
@@ -195,6 +202,62 @@ async def test_pooled_connections_dropped_while_idle_are_replaced_unseen(
         assert response.status < 300, await response.text()
         await client.close()
     finally:
+        await proxy.close()
+
+
+@pytest.mark.postgres
+async def test_dead_idle_connections_cost_one_ping_and_no_place(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle connections whose flows a network drops without a word: one borrow pings the
+    most recent, finds it dead and drops the older ones unpinged (one ping timeout, not
+    one per connection); a borrower cancelled while a dead one is being dropped loses no
+    place of the lender's (a lost place would end, after ``limit`` of them, in every
+    request waiting for the pool and a 503)."""
+    monkeypatch.setattr(driver_module, "_PING_AFTER", 0.0)
+    monkeypatch.setattr(driver_module, "_PING_TIMEOUT", 0.5)
+    proxy = _Forgetful(database_url)
+    engine = db.create_engine(await proxy.start())
+    lender = driver_module._Lender(engine, limit=4, keep=4, ping=True)
+    try:
+        lent = [await lender.borrow() for _ in range(3)]
+        for each in lent:
+            await lender.give_back(each)
+        proxy.forget(silently=True)
+        started = time.monotonic()
+        fresh = await lender.borrow()
+        assert time.monotonic() - started < 2.0
+        assert (await fresh[1].fetchval("SELECT 1")) == 1
+        await lender.give_back(fresh)
+        # The same again (a new dead flow), cancelled while the dead one is dropped.
+        proxy._forget, proxy._silently = False, False
+        lent = [await lender.borrow() for _ in range(2)]
+        for each in lent:
+            await lender.give_back(each)
+        proxy.forget(silently=True)
+        dropping = asyncio.Event()
+        invalidate = AsyncConnection.invalidate
+
+        async def slow_invalidate(conn: AsyncConnection, *args: Any) -> None:
+            dropping.set()
+            await asyncio.sleep(0.2)
+            await invalidate(conn, *args)
+
+        monkeypatch.setattr(AsyncConnection, "invalidate", slow_invalidate)
+        borrowing = asyncio.create_task(lender.borrow())
+        await dropping.wait()
+        borrowing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await borrowing
+        monkeypatch.setattr(AsyncConnection, "invalidate", invalidate)
+        proxy._forget = False
+        held = [await asyncio.wait_for(lender.borrow(), 2.0) for _ in range(4)]
+        assert [await conn.fetchval("SELECT 1") for _, conn in held] == [1] * 4
+        for each in held:
+            await lender.give_back(each)
+    finally:
+        await lender.close()
+        await engine.dispose()
         await proxy.close()
 
 

@@ -329,6 +329,7 @@ class _Lender:
         self._taken = 0  # lent, idle, or being made
         # Idle connections, each with the time it was given back.
         self._idle: list[tuple[Lent, float]] = []
+        self._dropping: set[asyncio.Future[None]] = set()
         # A waiter gets a connection given back, or None: the place of one that went.
         self._waiting: deque[asyncio.Future[Lent | None]] = deque()
 
@@ -340,15 +341,14 @@ class _Lender:
             try:
                 alive = await _alive(idle[1])
             except BaseException:  # cancelled mid-ping: the connection's state is unknown
-                self.gone()
-                await idle[0].invalidate()
+                await self._drop([idle])
                 raise
             if alive:
                 return idle
-            # Dead: its place is for a new connection, made below.
-            with suppress(Exception):
-                await idle[0].invalidate()
-            self._taken -= 1
+            # Dead, and so most likely are those idle for longer (a restart, a network
+            # break): drop them all unpinged, rather than wait for each one's ping.
+            older, self._idle = self._idle, []
+            await self._drop([idle, *(other for other, _since in older)])
         if self._taken < self._limit:
             self._taken += 1
         else:
@@ -366,6 +366,25 @@ class _Lender:
             await conn.invalidate()
             self.gone()
             raise
+
+    def _drop(self, dead: list[Lent]) -> Awaitable[None]:
+        """Close connections that are neither lent nor idle (at once: no goodbye to a
+        server that may be gone) and free their places, in a task of its own: a borrower
+        cancelled meanwhile does not stop it halfway, which would lose places."""
+        task = asyncio.ensure_future(self._close_dead(dead))
+        self._dropping.add(task)
+        task.add_done_callback(self._dropping.discard)
+        return asyncio.shield(task)
+
+    async def _close_dead(self, dead: list[Lent]) -> None:
+        for conn, raw in dead:
+            try:
+                with suppress(Exception):
+                    raw.terminate()
+                with suppress(Exception):
+                    await conn.invalidate()
+            finally:
+                self.gone()
 
     async def _wait(self) -> Lent | None:
         future: asyncio.Future[Lent | None] = asyncio.get_running_loop().create_future()
@@ -410,7 +429,10 @@ class _Lender:
             self._taken -= 1
 
     async def close(self) -> None:
-        """Give the idle connections back to the pool (before the engine is disposed)."""
+        """Give the idle connections back to the pool, once dead ones are closed (before
+        the engine is disposed)."""
+        if self._dropping:
+            await asyncio.wait(self._dropping)
         idle, self._idle = self._idle, []
         for (conn, _raw), _since in idle:
             self._taken -= 1
@@ -421,7 +443,7 @@ async def _alive(raw: Any) -> bool:
     """Whether an idle PostgreSQL connection answers, within ``_PING_TIMEOUT``."""
     try:
         await asyncio.wait_for(raw.execute("SELECT 1"), _PING_TIMEOUT)
-    except (*_LOST, asyncpg.PostgresError):
+    except Exception:  # whatever it is, the connection is not one to lend
         return False
     return True
 
