@@ -190,11 +190,18 @@ class Tally:
 
     def _settle(self, total: _Entries, outcomes: list[Outcome]) -> Operation[None]:
         s = self._statements
-        names = sorted(total.deltas.keys() | total.polled.keys())
-        counts = yield from self._upsert(names, total)
         by_channel: dict[str, list[_Add]] = defaultdict(list)
         for add in total.adds:
             by_channel[add.channel].append(add)
+        # A channel whose changes cancel out (a message added and another deleted: the
+        # single-message cycle's usual group) keeps its row untouched, unlocked, unless
+        # a mark is to be checked on it.
+        names = sorted(
+            name
+            for name in total.deltas.keys() | total.polled.keys()
+            if total.deltas.get(name) or name in total.polled or name in by_channel
+        )
+        counts = (yield from self._upsert(names, total)) if names else {}
         for channel, adds in by_channel.items():
             refused = yield from self._check_mark(channel, counts[channel], adds, outcomes)
             if refused:
