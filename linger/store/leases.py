@@ -226,7 +226,7 @@ class Leases:
         """Restart the lease of a hidden message, for ``seconds`` (default: its timeout).
         With ``scope``, only a message in a channel it covers (else ``NotAllowed``)."""
         await self._act(
-            self._touch_operation, message_id, scope, False, nonce=lease, seconds=seconds
+            self._touch_operation, message_id, scope, atomic=False, nonce=lease, seconds=seconds
         )
 
     def _touch_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[None]:
@@ -239,7 +239,7 @@ class Leases:
         """Give a hidden message back: ready at once (return its channel, to wake its
         consumers), or delayed ``delay`` s (return None)."""
         return await self._act(
-            self._release_operation, message_id, scope, False, nonce=lease, delay=delay
+            self._release_operation, message_id, scope, atomic=False, nonce=lease, delay=delay
         )
 
     def _release_operation(self, params: dict[str, Any], ledger: Tally) -> Operation[str | None]:

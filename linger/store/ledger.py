@@ -196,11 +196,8 @@ class Tally:
         # A channel whose changes cancel out (a message added and another deleted: the
         # single-message cycle's usual group) keeps its row untouched, unlocked, unless
         # a mark is to be checked on it.
-        names = sorted(
-            name
-            for name in total.deltas.keys() | total.polled.keys()
-            if total.deltas.get(name) or name in total.polled or name in by_channel
-        )
+        changed = {name for name, delta in total.deltas.items() if delta}
+        names = sorted(changed | total.polled.keys() | by_channel.keys())
         counts = (yield from self._upsert(names, total)) if names else {}
         for channel, adds in by_channel.items():
             refused = yield from self._check_mark(channel, counts[channel], adds, outcomes)
