@@ -54,24 +54,25 @@ def message_object(message: Message, now_ms: int) -> dict[str, Any]:
         body, encoding = message.body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         body, encoding = base64.b64encode(message.body).decode("ascii"), "base64"
-    shown: dict[str, Any] = {"id": message.id}
-    if message.lease is not None:
-        shown["lease"] = message.lease
-    shown.update(
-        channel=message.channel,
-        priority=message.priority,
-        timeout=message.timeout,
-        deliver=message.deliver,
-        delivered=message.deliveries,
-        received=received(message, now_ms),
-        linger=message.linger,
-        topic=message.topic,
-        content_type=message.content_type,
-        body=body,
-        encoding=encoding,
-        dead_from=message.dead_from,
-        dead_reason=message.dead_reason,
+    lease = message.lease
+    shown: dict[str, Any] = (
+        {"id": message.id} if lease is None else {"id": message.id, "lease": lease}
     )
+    shown |= {
+        "channel": message.channel,
+        "priority": message.priority,
+        "timeout": message.timeout,
+        "deliver": message.deliver,
+        "delivered": message.deliveries,
+        "received": received(message, now_ms),
+        "linger": message.linger,
+        "topic": message.topic,
+        "content_type": message.content_type,
+        "body": body,
+        "encoding": encoding,
+        "dead_from": message.dead_from,
+        "dead_reason": message.dead_reason,
+    }
     return shown
 
 

@@ -42,9 +42,12 @@ def token(message_id: int, nonce: int) -> str:
 def parse(text: str) -> tuple[int, int]:
     """(message id, lease value) of token ``text``; ``InvalidLease`` when it is none."""
     match = _TOKEN.fullmatch(text)
-    if match is None or int(match[1]) >= 2**63 or int(match[2]) >= _MAX_LEASE:
+    if match is None:
         raise errors.InvalidLease()
-    return int(match[1]), int(match[2])
+    message_id, nonce = int(match[1]), int(match[2])
+    if message_id >= 2**63 or nonce >= _MAX_LEASE:
+        raise errors.InvalidLease()
+    return message_id, nonce
 
 
 def nonce_of(text: str, message_id: int) -> int:

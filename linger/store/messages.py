@@ -241,9 +241,11 @@ class Messages:
         if listed:
             ledger.polled(params["channel"], params["now"])
         claimed = []
+        nonce = params["nonce"]
         for row in sorted(rows, key=lambda row: (row[4], row[0])):  # (priority, id)
-            body = yield from self._shared_body(row)
-            claimed.append(_message(row, body, leases.token(int(row[0]), params["nonce"])))
+            # Most bodies are the row's own: no generator for them.
+            body = bytes(row[2]) if row[-1] is None else (yield from self._shared_body(row))
+            claimed.append(_message(row, body, leases.token(int(row[0]), nonce)))
         return claimed
 
     def _shared_body(self, row: Row) -> Operation[bytes]:

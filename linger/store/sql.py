@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -339,5 +340,6 @@ def given(ids: list[int], nonces: list[int] | None, *, postgres: bool) -> dict[s
     arrays on SQLite (which has no array parameters)."""
     if postgres:
         return {"ids": ids, "nonces": nonces}
-    pairs = None if nonces is None else json.dumps(list(zip(ids, nonces, strict=True)))
-    return {"ids": json.dumps(ids), "pairs": pairs}
+    # Only integers: orjson writes them in a quarter of the standard library's time.
+    pairs = None if nonces is None else orjson.dumps(list(zip(ids, nonces, strict=True))).decode()
+    return {"ids": orjson.dumps(ids).decode(), "pairs": pairs}
