@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 import sqlalchemy as sa
@@ -113,20 +114,21 @@ def _insert_rows(count: int) -> sa.Insert:
     )
 
 
-def _row(message: NewMessage, now: int) -> dict[str, Any]:
-    """The per-message column values of ``message`` added at ``now``."""
+def _row(message: NewMessage, now: int) -> tuple[Any, ...]:
+    """The per-message column values of ``message`` added at ``now``, in the order of
+    ``_PER_MESSAGE``."""
     options = message.options
-    return {
-        "priority": options.priority,
-        "timeout": options.timeout,
-        "deliver": options.deliver,
-        "linger": options.linger,
-        "content_type": message.content_type,
-        "body": message.body,
-        "dead": options.dead,
-        "visible_at": now + ms(options.delay) if options.delay > 0 else READY,
-        "dead_at": now + ms(options.linger) if options.linger > 0 else None,
-    }
+    return (
+        options.priority,
+        options.timeout,
+        options.deliver,
+        options.linger,
+        message.content_type,
+        message.body,
+        options.dead,
+        now + ms(options.delay) if options.delay > 0 else READY,
+        now + ms(options.linger) if options.linger > 0 else None,
+    )
 
 
 class Batches:
@@ -142,8 +144,12 @@ class Batches:
             self._add = prepare(announced(_add_many_stmt(), postgres=True, counted=True))
         else:
             self._adds = {k: prepare(announced(_insert_rows(k), postgres=False)) for k in _CHUNKS}
-            # The columns of each row, in the order of the statements' arguments.
-            self._columns = [n.rsplit("_", 1)[0] for n in self._adds[1].names]
+            # The columns of each row, in the order of the statements' arguments: where
+            # each is in a tuple of the batch's values (_shared) and a row's.
+            columns = [n.rsplit("_", 1)[0] for n in self._adds[1].names]
+            self._shared = [name for name in columns if name not in _PER_MESSAGE]
+            both = [*self._shared, *_PER_MESSAGE]
+            self._arguments = itemgetter(*(both.index(name) for name in columns))
         by_lease = sa.and_(given_leases(postgres=postgres), alive(param("now")))
         by_id = sa.and_(given_ids(postgres=postgres), alive(param("now")))
         gone = (m.c.id, m.c.channel, m.c.body_id)
@@ -195,7 +201,6 @@ class Batches:
         return their ids; store none and raise ``ChannelFull`` when they would take the
         channel past ``hlm`` (> 0) live messages."""
         now = self.now()
-        rows = [_row(message, now) for message in batch]
         common = {
             "channel": channel,
             "now": now,
@@ -205,12 +210,16 @@ class Batches:
             "created_at": now,
             "deliveries": 0,
         }
+        # Each message's values in _PER_MESSAGE's order, as a tuple (one per message).
+        rows = [_row(message, now) for message in batch]
         if self._postgres:
-            params: Any = {**common, **{name: [r[name] for r in rows] for name in _PER_MESSAGE}}
+            arrays = zip(*rows, strict=True)
+            params: Any = {**common, **dict(zip(_PER_MESSAGE, arrays, strict=True))}
         else:
-            columns = self._columns
-            merged = ({**common, **row} for row in rows)
-            params = [[values[c] for c in columns] for values in merged]
+            # A row's arguments: picked in the columns' order from one tuple of the
+            # batch's values and the message's.
+            head = tuple(common[name] for name in self._shared)
+            params = [self._arguments(head + row) for row in rows]
         return await self._driver.write(
             partial(self._add_operation, channel, params, hlm), light=False
         )

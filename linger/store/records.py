@@ -40,9 +40,9 @@ class Message(NamedTuple):
     lease: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """One message of a batch add or publish."""
+class NewMessage(NamedTuple):
+    """One message of a batch add or publish (a named tuple, like ``Message``: one per
+    item of a batch)."""
 
     body: bytes
     content_type: str
