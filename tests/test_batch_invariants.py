@@ -580,7 +580,7 @@ async def test_racing_consumers_never_share_a_lease_nor_lose_a_message(
             assert response.status == 200, await response.text()
             await asyncio.sleep(0.02)
 
-    tasks = [asyncio.create_task(batch_consumer(n)) for n in (9, 7, 4, 2)]
+    tasks = [asyncio.create_task(batch_consumer(n)) for n in (30, 9, 7, 4, 2)]
     tasks += [asyncio.create_task(single_consumer()) for _ in range(2)]
     tasks.append(asyncio.create_task(redriver()))
 

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from linger.http.keys import BROKER
+from linger.store import driver
 from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, bodies
 from linger.store.records import Options
 
@@ -30,6 +31,7 @@ from .helpers import (
     stats,
     status_of,
 )
+from .test_batches import acknowledge, add_many, receive
 from .test_counts import _actual, _counted, _rows
 from .test_topics import _DROP_TRIGGER, _FAIL_TRIGGER, _execute, publish, subscribe
 
@@ -456,3 +458,146 @@ async def test_hostile_deletes_alone_get_json_4xx_and_others_are_served(
     assert probe.worst < 0.5, probe.worst
     assert (await stats(client, "c")) == {"ready": 2, "hidden": 1}
     assert await _counted(client) == await _actual(client) == {"c": 3}
+
+
+class _Claims:
+    """Counts ``Messages``' claims, those of them run outside the groups (``Driver.write``'s
+    ``direct``), the most of those at once, and the listing marks written."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, client: Client) -> None:
+        self.claims = self.direct = self.running = self.most = self.marks = 0
+        messages = client.app[BROKER].storage.messages
+        claim, polled, run_direct = (
+            messages._claim_operation,
+            messages.polled,
+            messages._driver._run_direct,
+        )
+
+        def claimed(*args: Any) -> Any:
+            self.claims += 1
+            return claim(*args)
+
+        async def marked(channel: str) -> None:
+            self.marks += 1
+            await polled(channel)
+
+        async def direct(factory: Any) -> Any:
+            self.direct += 1
+            self.running += 1
+            self.most = max(self.most, self.running)
+            try:
+                return await run_direct(factory)
+            finally:
+                self.running -= 1
+
+        monkeypatch.setattr(messages, "_claim_operation", claimed)
+        monkeypatch.setattr(messages, "polled", marked)
+        monkeypatch.setattr(messages._driver, "_run_direct", direct)
+
+
+async def test_batch_consumers_claim_outside_the_groups_and_never_share_a_message(
+    make_client: ClientFactory,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+    no_deadlocks: NoDeadlocks | None,
+) -> None:
+    """Twelve long-polling batch consumers and two producers on one channel, with at most
+    three claims outside the groups at once: on PostgreSQL the others join the groups.
+    Every message is received once and deleted once, the counts stay exact, the channel
+    is listed, and no deadlock."""
+    monkeypatch.setattr(driver, "_DIRECT_LIMIT", 3)
+    client = await make_client(**QUIET)
+    counted = _Claims(monkeypatch, client)
+    produced: list[int] = []
+    for start in range(0, 600, 100):
+        produced += await add_many(
+            client, "c", [{"body": f"m{i}"} for i in range(start, start + 100)]
+        )
+    received: list[int] = []
+    deleted: list[int] = []
+
+    async def consumer(**query: Any) -> None:
+        while got := await receive(client, "c", 25, **query):
+            received.extend(m["id"] for m in got)
+            answer = await acknowledge(client, "delete", {"leases": [m["lease"] for m in got]})
+            assert sorted(answer["done"]) == sorted(m["id"] for m in got), answer
+            deleted.extend(answer["done"])
+
+    async def producer() -> None:
+        for _ in range(4):
+            produced.extend(await add_many(client, "c", [{"body": "p"}] * 50))
+
+    await asyncio.gather(*(consumer(wait=1) for _ in range(12)), producer(), producer())
+    await consumer()  # what came after the others stopped (nowait)
+    assert len(received) == len(set(received))
+    assert sorted(received) == sorted(deleted) == sorted(produced)
+    assert await _counted(client) == await _actual(client)
+    listed = await (await client.get("/channels")).json()
+    assert "c" in listed["channels"]
+    if backend == "postgresql":
+        assert 0 < counted.direct < counted.claims
+        assert counted.most == 3
+        assert counted.marks < counted.claims / 2
+        assert no_deadlocks is not None
+        await no_deadlocks.check()
+    else:
+        assert counted.direct == 0
+
+
+async def test_a_claim_of_many_lists_its_channel_once_a_second(
+    make_client: ClientFactory, backend: str, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL a long-polled claim of many writes the channel's listing mark at
+    most once a second (the claim itself runs outside the groups); claims of a few, and
+    every claim on SQLite, mark it in their own group as before."""
+    client = await make_client(**QUIET)
+    counted = _Claims(monkeypatch, client)
+    await add_many(client, "c", [{"body": "m"}] * 100)
+    for _ in range(3):
+        assert len(await receive(client, "c", 20, wait=1)) == 20
+    marks = 1 if backend == "postgresql" else 0
+    assert counted.marks == marks
+    clock.advance(1.5)
+    assert len(await receive(client, "c", 20, wait=1)) == 20
+    assert counted.marks == 2 * marks
+    assert len(await receive(client, "c", 5, wait=1)) == 5  # a few: in its group
+    assert counted.marks == 2 * marks
+    assert counted.direct == (4 if backend == "postgresql" else 0)
+    listed = await (await client.get("/channels")).json()
+    assert "c" in listed["channels"]
+
+
+async def test_a_storm_of_claims_of_many_leaves_room_for_writes_and_others(
+    client: Client, backend: str, no_deadlocks: NoDeadlocks | None
+) -> None:
+    """200 claims of up to 1,000 at once (far more than may run outside the groups), bad
+    batch sizes among them, while a producer adds: every claim is answered (the extra ones
+    in groups), the adds still commit, the bad sizes get a JSON 400, no message is claimed
+    twice, and a probe is answered promptly throughout."""
+    await add_many(client, "s", [{"body": "m"}] * 500)
+
+    async def claim(n: str) -> Any:
+        response = await client.get("/channels/s/messages", params={"n": n, "nowait": ""})
+        return response.status, await response.json()
+
+    async with Probe(client, "/health") as probe:
+        sizes = ["1000", "0", "-5", "1001", "9" * 30, "x", "1e3"] + ["1000"] * 193
+        answers, added = await asyncio.gather(
+            asyncio.gather(*(claim(n) for n in sizes)),
+            asyncio.gather(*(add_many(client, "s", [{"body": "p"}] * 10) for _ in range(20))),
+        )
+    claimed = [m["id"] for status, body in answers if status == 200 for m in body["messages"]]
+    for n, (status, body) in zip(sizes, answers, strict=True):
+        if n == "1000":
+            assert status == 200, body
+        else:
+            assert status == 400, (n, body)
+            assert body == {"error": "Invalid batch size."}
+    assert len(claimed) == len(set(claimed))
+    assert len(claimed) >= 500  # those there before; the adds' maybe too
+    assert sum(len(ids) for ids in added) == 200
+    assert probe.answered > 0
+    assert probe.worst < 0.5, probe.worst
+    assert (await stats(client, "s"))["hidden"] == len(claimed)
+    if no_deadlocks is not None:
+        await no_deadlocks.check()

@@ -164,7 +164,8 @@ class _Forgetful:
 
 @pytest.mark.postgres
 @pytest.mark.parametrize(
-    "action", ["add", "add at a mark", "claim", "delete", "touch", "release", "stats"]
+    "action",
+    ["add", "add at a mark", "claim", "claim of many", "delete", "touch", "release", "stats"],
 )
 async def test_pooled_connections_dropped_while_idle_are_replaced_unseen(
     make_client: ClientFactory, database_url: str, action: str
@@ -191,6 +192,8 @@ async def test_pooled_connections_dropped_while_idle_are_replaced_unseen(
             response = await client.post("/channels/c", data=b"m", headers={"Content-Type": "t/p"})
         elif action == "claim":
             response = await get(client, "c")
+        elif action == "claim of many":  # outside the groups (Driver.write's direct)
+            response = await client.get("/channels/c/messages", params={"n": "20", "wait": "1"})
         elif action == "delete":
             response = await client.delete(f"/messages/{message_id}", params={"lease": lease})
         elif action == "stats":

@@ -142,6 +142,9 @@ _STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
 LIGHT_ROWS = 10
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
+# Operations run outside the groups at once on PostgreSQL (``Driver.write``'s ``direct``);
+# with the committers, they leave the pool room for reads and lone writes.
+_DIRECT_LIMIT = 8
 # A PostgreSQL connection idle this long (seconds) is pinged before it is lent again, and
 # replaced when it does not answer within _PING_TIMEOUT.
 _PING_AFTER = 0.5
@@ -463,6 +466,7 @@ class Driver(Generic[L]):
         # submitted right after is never left without one.
         self._committers = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._direct = 0  # operations running outside the groups
         # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
         # with another's commit.
         self._max_committers = _POSTGRES_COMMITTERS if self.postgres else 1
@@ -586,6 +590,7 @@ class Driver(Generic[L]):
         alone: bool = False,
         light: bool = True,
         lone: ReadFactory[T] | None = None,
+        direct: bool = False,
     ) -> T:
         """Run an operation in the next group-committed transaction; return its result
         once that transaction has committed.
@@ -606,7 +611,16 @@ class Driver(Generic[L]):
         statement runs and commits on its own, one round trip instead of four (BEGIN, the
         statement, the ledger's, COMMIT). It raises ``Declined`` when it cannot stand for
         the operation (having changed nothing), and the operation runs in a transaction.
+
+        ``direct`` says that the operation is one statement that waits for no other's
+        locks (it skips the rows they hold) and notes nothing in the ledger: on PostgreSQL
+        it then runs at once on a connection of its own and commits on its own, while
+        fewer than ``_DIRECT_LIMIT`` others do. In a group it would wait for the group's
+        counter upsert, which waits for the channel's row, and for its COMMIT. Beyond that
+        limit, and on SQLite (one writer), it joins the next group.
         """
+        if direct and self.postgres and self._direct < _DIRECT_LIMIT:
+            return await self._run_direct(factory)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         pending = _Pending(factory, future, atomic, key, alone, REQUEST_ID.get(), light, lone)
         self._pending.append(pending)
@@ -617,6 +631,28 @@ class Driver(Generic[L]):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await future
+
+    async def _run_direct(self, factory: Callable[[L], Operation[T]]) -> T:
+        async def attempt() -> Outcome:
+            async with self._connect() as raw:
+                # A ledger of its own, never settled: the operation notes nothing.
+                return await _drive_async(_fetcher(raw, postgres=True), factory(self.ledger()))
+
+        self._direct += 1
+        try:
+            result: T = _result(await _skipping_stale(attempt))
+        except errors.Unavailable:
+            self.unavailable += 1
+            raise
+        except errors.LingerError:
+            raise
+        except Exception:
+            request_id = REQUEST_ID.get() or None
+            logger.exception("database operation failed", extra={"request_id": request_id})
+            raise errors.DatabaseError() from None
+        finally:
+            self._direct -= 1
+        return result
 
     async def _commit_pending(self) -> None:
         try:

@@ -41,6 +41,8 @@ from linger.store.sql import (
 m = messages
 # Channels that were long-polled this recently are listed even when empty.
 POLLED_TTL_MS = 180_000
+# A claim of many on PostgreSQL writes its channel's listing mark at most this often (ms).
+_MARK_EVERY_MS = 1_000
 # How long a drain waits before it looks again for rows that a transaction in flight held.
 _DRAIN_RETRY = 0.005
 STATES = ("ready", "hidden", "delayed")
@@ -138,6 +140,9 @@ class Messages:
         # Alone in its group, an add or a delete on PostgreSQL keeps the channel's count
         # in its own statement (``Driver.write``'s ``lone``).
         self._lone = _Lone(driver, insert, now_) if postgres else None
+        # Channels whose listing mark a claim of many wrote since _marks_from (ms).
+        self._marked: set[str] = set()
+        self._marks_from = 0
         self._explain = prepare(leases.explain_stmt())
         in_channel = sa.and_(m.c.channel == param("channel", sa.String), m.c.id <= param("last"))
         self._drain = [
@@ -222,17 +227,38 @@ class Messages:
         lease of its own; with ``listed``, a consumer long-polls the channel: list it for
         180 s from now. ``budget`` (bytes, bytes of a shared body) ends the messages with
         the first one whose body reaches that many bytes."""
-        params = {"channel": channel, "now": self.now(), "n": n, "nonce": leases.new_nonce()}
+        now = self.now()
+        params = {"channel": channel, "now": now, "n": n, "nonce": leases.new_nonce()}
         stmt = self._claim
         if budget is not None:
             stmt = self._claim_bounded
             params["budget"], params["shared"] = budget
+        # A claim of many runs outside the write groups on PostgreSQL (``direct``: SKIP
+        # LOCKED waits for no row, and the claim notes nothing in the ledger), so a
+        # batch consumer never waits for the adds' and deletes' commits. Its listing mark
+        # is then a write of its own, once a second per channel at most: a long-polled
+        # channel stays listed for 180 s after its last poll, give or take that second.
+        direct = self._driver.postgres and n > LIGHT_ROWS
+        if direct and listed:
+            listed = False
+            await self._mark_listed(channel, now)
         # The claim is one statement; the listing mark is independent of it.
         return await self._driver.write(
             partial(self._claim_operation, stmt, params, listed),
             atomic=False,
             light=n <= LIGHT_ROWS,
+            direct=direct,
         )
+
+    async def _mark_listed(self, channel: str, now: int) -> None:
+        """``polled(channel)``, unless a claim of many wrote it within the last second
+        (what is remembered is bounded by the channels claimed from in a second)."""
+        if now - self._marks_from >= _MARK_EVERY_MS:
+            self._marked.clear()
+            self._marks_from = now
+        if channel not in self._marked:
+            self._marked.add(channel)
+            await self.polled(channel)
 
     def _claim_operation(
         self, stmt: Prepared, params: dict[str, Any], listed: bool, ledger: Tally
