@@ -213,8 +213,8 @@ class Batches:
         # Each message's values in _PER_MESSAGE's order, as a tuple (one per message).
         rows = [_row(message, now) for message in batch]
         if self._postgres:
-            arrays = zip(*rows, strict=True)
-            params: Any = {**common, **dict(zip(_PER_MESSAGE, arrays, strict=True))}
+            arrays = {name: [row[i] for row in rows] for i, name in enumerate(_PER_MESSAGE)}
+            params: Any = {**common, **arrays}
         else:
             # A row's arguments: picked in the columns' order from one tuple of the
             # batch's values and the message's.
