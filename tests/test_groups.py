@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from linger.http.keys import BROKER
 from linger.store import driver
 from linger.store.db import POSTGRES_POOL_OVERFLOW, POSTGRES_POOL_SIZE, bodies
+from linger.store.db import messages as m
 from linger.store.records import Options
 
 from .conftest import ClientFactory, Clock, NoDeadlocks
@@ -420,6 +421,85 @@ async def test_lone_and_grouped_writes_racing_keep_every_count(
     assert all(count > 0 for (count,) in refs)
     if backend == "postgresql":  # lone deletes and deletes in groups, in this app alone
         assert 0 < routed.runs["delete"] < next(singles) // 2
+    if no_deadlocks is not None:
+        await no_deadlocks.check()
+
+
+async def test_shared_bodies_are_read_whole_while_their_last_copies_go(
+    make_client: ClientFactory, backend: str, no_deadlocks: NoDeadlocks | None
+) -> None:
+    """Publishes sharing bodies, received one at a time and in batches (outside the groups
+    on PostgreSQL) and peeked, while drains and deletes by id remove the copies, so that
+    the last copy of a body and the body itself go just as a claim or a peek reads it:
+    never a 5xx, every body delivered whole, no delivery twice, counts and references
+    exact at the end, and no deadlock."""
+    client = await make_client(**QUIET)
+    names = ("a", "b", "c")
+    for name in names:
+        await subscribe(client, name, "t")
+    rng = random.Random(11)
+    published: set[str] = set()
+    delivered: list[int] = []
+    stop = time.monotonic() + 1.5
+
+    def whole(body: str) -> None:
+        assert body in published, body[:40]
+
+    async def producer() -> None:
+        for k in itertools.count():
+            if time.monotonic() > stop:
+                return
+            body = f"{k:08d}" * 200  # 1,600 bytes: stored once, shared by the copies
+            published.add(body)
+            await publish(client, "t", body.encode())
+
+    async def consumer(k: int) -> None:
+        while time.monotonic() < stop:
+            channel = names[k % 3]
+            if k % 2:
+                got = await receive(client, channel, 20)
+                for message in got:
+                    whole(message["body"])
+                delivered.extend(message["id"] for message in got)
+            else:
+                response = await get(client, channel)
+                assert response.status in (200, 204), await response.text()
+                if response.status == 200:
+                    whole((await response.read()).decode())
+                    delivered.append(int(response.headers["x-linger-msg-id"]))
+            await asyncio.sleep(0)
+
+    async def remover() -> None:
+        while time.monotonic() < stop:
+            channel = rng.choice(names)
+            state = rng.choice(["ready", "hidden"])
+            response = await client.get(f"/channels/{channel}/peek", params={"state": state})
+            assert response.status == 200, await response.text()
+            seen = (await response.json())["messages"]
+            for message in seen:
+                whole(message["body"])
+            if seen and rng.random() < 0.7:
+                doomed = rng.choice(seen)["id"]
+                response = await client.delete(f"/messages/{doomed}")
+                assert response.status in (204, 404), await response.text()
+            else:
+                assert (await client.delete(f"/channels/{channel}")).status == 204
+
+    await asyncio.gather(
+        producer(), producer(), *(consumer(k) for k in range(6)), remover(), remover()
+    )
+    assert len(delivered) == len(set(delivered)) > 20
+    left = await _actual(client)
+    assert await _counted(client) == {name: count for name, count in left.items() if count}
+    referring = await _rows(
+        client,
+        sa.select(m.c.body_id, sa.func.count())
+        .where(m.c.body_id.is_not(None))
+        .group_by(m.c.body_id),
+    )
+    assert sorted(await _rows(client, sa.select(bodies.c.id, bodies.c.refs))) == sorted(
+        tuple(row) for row in referring
+    )
     if no_deadlocks is not None:
         await no_deadlocks.check()
 

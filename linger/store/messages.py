@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from linger import errors
 from linger.auth.scopes import Patterns
 from linger.store import leases
-from linger.store.db import bodies, messages
+from linger.store.db import messages
 from linger.store.driver import LIGHT_ROWS, Declined, Driver, Operation, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.records import Detail, Message, Options
@@ -129,7 +129,6 @@ class Messages:
         self._add = prepare(announced(insert, postgres=postgres))
         self._claim = prepare(_claim_stmt(postgres))
         self._claim_bounded = prepare(_claim_stmt(postgres, bounded=True))
-        self._body = prepare(sa.select(bodies.c.body).where(bodies.c.id == param("id")))
         now_ = param("now")
         self._delete = leases.Scoped(
             driver,
@@ -266,19 +265,11 @@ class Messages:
         rows = yield stmt, params
         if listed:
             ledger.polled(params["channel"], params["now"])
-        claimed = []
         nonce = params["nonce"]
-        for row in sorted(rows, key=lambda row: (row[4], row[0])):  # (priority, id)
-            # Most bodies are the row's own: no generator for them.
-            body = bytes(row[2]) if row[-1] is None else (yield from self._shared_body(row))
-            claimed.append(_message(row, body, leases.token(int(row[0]), nonce)))
-        return claimed
-
-    def _shared_body(self, row: Row) -> Operation[bytes]:
-        """The body of ``row`` (MESSAGE_COLUMNS), read from ``bodies`` when shared."""
-        if row[-1] is None:
-            return bytes(row[2])
-        return bytes((yield self._body, {"id": row[-1]})[0][0])
+        return [
+            _message(row, leases.token(int(row[0]), nonce))
+            for row in sorted(rows, key=lambda row: (row[4], row[0]))  # (priority, id)
+        ]
 
     async def polled(self, channel: str) -> None:
         """A consumer long-polls ``channel``, or stopped now: list it for 180 s from now."""
@@ -372,10 +363,7 @@ class Messages:
         return await self._driver.read(partial(self._peek_operation, self._peek[state], params))
 
     def _peek_operation(self, stmt: Prepared, params: dict[str, Any]) -> Operation[list[Message]]:
-        found = []
-        for row in (yield stmt, params):
-            found.append(_message(row, (yield from self._shared_body(row))))
-        return found
+        return [_message(row) for row in (yield stmt, params)]
 
     async def readiness(self, names: Iterable[str]) -> dict[str, tuple[int, int | None]]:
         """For each of ``names`` with live messages: (how many are ready, when the next
@@ -440,14 +428,14 @@ def _delete_counted(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> Any
     return sa.union_all(deleted, explained).add_cte(recounted(gone, -1))
 
 
-def _message(row: Row, body: bytes, lease: str | None = None) -> Message:
+def _message(row: Row, lease: str | None = None) -> Message:
     """A ``Message`` from a row of MESSAGE_COLUMNS."""
-    message_id, channel, _stored, content_type, priority, timeout, deliver, *rest = row
-    deliveries, linger, topic, created_at, dead_from, dead_reason, _body_id = rest
+    message_id, channel, body, content_type, priority, timeout, deliver, *rest = row
+    deliveries, linger, topic, created_at, dead_from, dead_reason = rest
     return Message(
         int(message_id),
         channel,
-        body,
+        bytes(body),
         content_type,
         int(priority),
         int(timeout),

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from linger.auth.scopes import Patterns
-from linger.store.db import channels, messages
+from linger.store.db import bodies, channels, messages
 
 m = messages
 
@@ -195,11 +195,16 @@ def in_batch(where: sa.ColumnElement[bool], *order: Any, postgres: bool) -> sa.C
     return m.c.id == sa.any_(sa.cast(ids, postgresql.ARRAY(sa.BigInteger)))
 
 
-# The columns of a ``records.Message``, in its order, then body_id (a shared body to read).
+# The columns of a ``records.Message``, in its order. A body published to many channels is
+# read from ``bodies`` in the same statement: a statement of its own could find it gone (the
+# last copy deleted in between). Not ``CASE WHEN body_id IS NULL``: in SQLite 3.40, ``IS
+# NULL`` in this table's RETURNING is false for NULL columns (seen on body_id and dead_at).
 MESSAGE_COLUMNS = (
     m.c.id,
     m.c.channel,
-    m.c.body,
+    sa.func.coalesce(
+        sa.select(bodies.c.body).where(bodies.c.id == m.c.body_id).scalar_subquery(), m.c.body
+    ).label("body"),
     m.c.content_type,
     m.c.priority,
     m.c.timeout,
@@ -210,7 +215,6 @@ MESSAGE_COLUMNS = (
     m.c.created_at,
     m.c.dead_from,
     m.c.dead_reason,
-    m.c.body_id,
 )
 
 
