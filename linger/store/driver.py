@@ -466,7 +466,9 @@ class Driver(Generic[L]):
         # submitted right after is never left without one.
         self._committers = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._direct = 0  # operations running outside the groups
+        self._direct = 0  # operations running outside the groups, and when there are none
+        self._no_direct = asyncio.Event()
+        self._no_direct.set()
         # SQLite has one writer at a time; PostgreSQL overlaps one group's statements
         # with another's commit.
         self._max_committers = _POSTGRES_COMMITTERS if self.postgres else 1
@@ -639,8 +641,18 @@ class Driver(Generic[L]):
                 return await _drive_async(_fetcher(raw, postgres=True), factory(self.ledger()))
 
         self._direct += 1
+        self._no_direct.clear()
         try:
-            result: T = _result(await _skipping_stale(attempt))
+            attempts = 0
+            while True:
+                try:
+                    result: T = _result(await _skipping_stale(attempt))
+                    break
+                except _RETRYABLE as error:
+                    attempts += 1
+                    if attempts == _RETRY_ATTEMPTS:
+                        raise errors.Unavailable() from error
+                    await _rerun_after(error, attempts)
         except errors.Unavailable:
             self.unavailable += 1
             raise
@@ -652,6 +664,8 @@ class Driver(Generic[L]):
             raise errors.DatabaseError() from None
         finally:
             self._direct -= 1
+            if not self._direct:
+                self._no_direct.set()
         return result
 
     async def _commit_pending(self) -> None:
@@ -697,9 +711,9 @@ class Driver(Generic[L]):
             except _RETRYABLE as error:
                 attempts += 1
                 if attempts < _RETRY_ATTEMPTS:
-                    logger.info("transaction lost a race (%s); running it again", error)
-                    await asyncio.sleep(random.uniform(0.001, 0.01 * attempts))
+                    await _rerun_after(error, attempts)
                     continue
+                self.unavailable += len(group)
                 outcomes_error: errors.LingerError = errors.Unavailable()
             except (errors.Unavailable, errors.StorageFull) as error:
                 if isinstance(error, errors.Unavailable):
@@ -774,6 +788,7 @@ class Driver(Generic[L]):
         """Wait for the operations already submitted, then give the connections back."""
         if self._tasks:
             await asyncio.wait(self._tasks)
+        await self._no_direct.wait()
         await self._lender.close()
 
 
@@ -838,6 +853,14 @@ async def listen(
         yield listening
     finally:
         conn.terminate()
+
+
+async def _rerun_after(error: BaseException, attempts: int) -> None:
+    """Pause before running again a transaction that lost a race (``_RETRYABLE``): a
+    little longer after each loss, and jittered, so that the two sides do not meet
+    again."""
+    logger.info("transaction lost a race (%s); running it again", error)
+    await asyncio.sleep(random.uniform(0.001, 0.01 * attempts))
 
 
 async def _skipping_stale(attempt: Callable[[], Awaitable[T]]) -> T:
