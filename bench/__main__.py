@@ -4,6 +4,7 @@ side by side, as one table (medians of several runs)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -18,11 +19,23 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench import scenarios, worker
 from bench.observe import observe
 from bench.scenarios import QUICK, Failed, Run, Size
-from bench.servers import Server, free_port, linger_command, postgres_cluster, raise_open_files
+from bench.servers import (
+    ROOT,
+    Server,
+    free_port,
+    fresh_database,
+    linger_command,
+    postgres_cluster,
+    raise_open_files,
+)
+
+if TYPE_CHECKING:
+    from tests.pgcluster import Cluster
 
 BACKENDS = ("memory", "file", "postgres")
 Figure = Callable[[Server, Size], Run]
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--scenarios",
-        default=",".join([*SCENARIOS, "longpoll", "observe", "auth"]),
+        default=",".join([*SCENARIOS, "floor", "longpoll", "observe", "auth"]),
         help="comma-separated scenario names",
     )
     parser.add_argument("--no-original", action="store_true", help="skip the original Linger 1.0.1")
@@ -207,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             if name == "auth":
                 new = _auth_rows(backends, command, size, runs, cluster.pid if cluster else None)
+                failures += sum(row[2].startswith("FAILED") for row in new)
+                rows.extend(new)
+                print_table(new, header=False)
+                continue
+            if name == "floor":
+                new = _floor_rows(backends, Path(workdir), cluster, size, runs)
                 failures += sum(row[2].startswith("FAILED") for row in new)
                 rows.extend(new)
                 print_table(new, header=False)
@@ -305,6 +324,40 @@ def _auth_rows(
         rows.append(
             ("cycle --auth", backend, f"{auth.rate:,.0f} {unit}", auth.cpu(), "-", "-", change)
         )
+    return rows
+
+
+def _floor_rows(
+    backends: list[str], workdir: Path, cluster: Cluster | None, size: Size, runs: int
+) -> list[Row]:
+    """The cycle's statements alone on each backend (``bench.floor``): what the database
+    and its driver cost per cycle, under Linger's own figure."""
+    rows: list[Row] = []
+    for backend in backends:
+        results: list[dict[str, Any]] = []
+        for _ in range(runs):
+            command = [sys.executable, "-m", "bench.floor", "--backend", backend]
+            command += ["--seconds", str(size.seconds)]
+            if backend == "file":
+                command += ["--db", str(workdir / f"floor-{time.monotonic_ns()}.db")]
+            elif backend == "postgres":
+                assert cluster is not None
+                command += ["--db", fresh_database(cluster.url)]
+                command += ["--database-pid", str(cluster.pid)]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                results = []
+                failed = f"FAILED: {done.stderr[-300:]}"
+                rows.append(("cycle floor", backend, failed, "", "", "", ""))
+                break
+            results.append(json.loads(done.stdout))
+        if not results:
+            continue
+        rate = statistics.median(r["cycles"] / r["seconds"] for r in results)
+        client = statistics.median(r["cpu"] / r["cycles"] * 1e6 for r in results)
+        database = [r["database_cpu"] / r["cycles"] * 1e6 for r in results if r["database_cpu"]]
+        cpu = Measured(rate, client, statistics.median(database) if database else None).cpu()
+        rows.append(("cycle floor", backend, f"{rate:,.0f} cycles/s", cpu, "-", "-", "-"))
     return rows
 
 

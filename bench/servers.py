@@ -130,7 +130,7 @@ class Server:
             self.log.unlink(missing_ok=True)
 
 
-def _fresh_database(url: str) -> str:
+def fresh_database(url: str) -> str:
     """A new, empty database on the benchmark's cluster (each run starts from nothing,
     whatever version of the schema the previous one left)."""
     name = f"bench{time.monotonic_ns()}"
@@ -193,7 +193,7 @@ def linger_command(
         assert postgres_url is not None
         # The database is on this host: no TLS, as the README advises for that case (the
         # cluster offers it, and asyncpg's default would take it).
-        url = _fresh_database(postgres_url) + "?ssl=disable"
+        url = fresh_database(postgres_url) + "?ssl=disable"
         return [*base, "--db", url, "--migrate"]
     if backend == "original":
         # -I: isolated, so that this checkout's own linger package is not the one imported.

@@ -37,13 +37,13 @@ def _cpu(row: str) -> list[float]:
 
 
 def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
-    result = _bench("memory", "produce,consume,cycle,depth,pubsub-4,longpoll")
+    result = _bench("memory", "produce,consume,cycle,floor,depth,pubsub-4,longpoll")
     assert "load generator ceiling" in result.stdout
     ceiling = next(line for line in result.stdout.splitlines() if line.startswith("Python HTTP"))
     assert float(ceiling.split(": ")[1].split()[0].replace(",", "")) > 0, ceiling
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    for scenario in ("produce", "consume", "cycle", "depth", "pubsub-4", "longpoll"):
-        assert any(row.startswith(f"| {scenario}") for row in rows), scenario
+    for scenario in ("produce", "consume", "cycle", "cycle floor", "depth", "pubsub-4", "longpoll"):
+        assert any(row.startswith(f"| {scenario} ") for row in rows), scenario
     assert "FAILED" not in result.stdout
     for row in rows:
         if not row.startswith(("| longpoll", "| scenario")):
@@ -53,12 +53,12 @@ def test_benchmark_smoke_run_checks_and_prints_its_table() -> None:
 
 @pytest.mark.usefixtures("postgres_admin_url")
 def test_benchmark_counts_the_database_cpu_per_message_with_and_without_auth() -> None:
-    result = _bench("postgres", "cycle,cycle-1,batch,auth")
+    result = _bench("postgres", "cycle,cycle-1,batch,auth,floor")
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert "FAILED" not in result.stdout, result.stdout
     # The cycle with --auth, beside the one without, in the same sitting.
     assert any(row.startswith("| cycle --auth | postgres |") for row in rows), rows
-    for scenario in ("cycle", "cycle-1", "batch", "cycle --auth"):
+    for scenario in ("cycle", "cycle-1", "batch", "cycle --auth", "cycle floor"):
         row = next(row for row in rows if row.startswith(f"| {scenario} "))
         linger, database = _cpu(row)
         assert linger > 0, row
