@@ -786,9 +786,11 @@ class Driver(Generic[L]):
 
     async def close(self) -> None:
         """Wait for the operations already submitted, then give the connections back."""
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-        await self._no_direct.wait()
+        while self._tasks or self._direct:  # each may have let another start meanwhile
+            if self._tasks:
+                await asyncio.wait(self._tasks)
+            else:
+                await self._no_direct.wait()
         await self._lender.close()
 
 

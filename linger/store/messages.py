@@ -431,7 +431,10 @@ def _delete_counted(now: Any, within: tuple[sa.ColumnElement[bool], ...]) -> Any
 def _message(row: Row, lease: str | None = None) -> Message:
     """A ``Message`` from a row of MESSAGE_COLUMNS."""
     message_id, channel, body, content_type, priority, timeout, deliver, *rest = row
-    deliveries, linger, topic, created_at, dead_from, dead_reason = rest
+    deliveries, linger, topic, created_at, dead_from, dead_reason, body_id = rest
+    if body_id is not None and not body:  # shared bodies are never empty
+        # Only a database edited by hand gets here: rather a 500 than an empty message.
+        raise RuntimeError(f"message {message_id} refers to body {body_id}, which is gone")
     return Message(
         int(message_id),
         channel,

@@ -215,6 +215,7 @@ MESSAGE_COLUMNS = (
     m.c.created_at,
     m.c.dead_from,
     m.c.dead_reason,
+    m.c.body_id,  # to tell a shared body that is gone from the copy's own, empty one
 )
 
 
