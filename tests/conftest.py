@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -189,10 +190,29 @@ async def _truncate(url: str) -> None:
         await conn.close()
 
 
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test on a file database starts from: the
+    migrations run once per session rather than once per test (their own tests start
+    from nothing, in test_migrations and test_schema)."""
+    path = tmp_path_factory.mktemp("template") / "linger.db"
+
+    async def migrate() -> None:
+        engine = db.create_engine(f"sqlite+aiosqlite:///{path}")
+        await db.upgrade(engine)
+        await engine.dispose()
+
+    run_sync(migrate())
+    assert not path.with_name("linger.db-wal").exists()  # all of it in the one file
+    return path
+
+
 @pytest.fixture(params=BACKENDS)
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'linger.db'}"
+        database = tmp_path / "linger.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), database)
+        return f"sqlite+aiosqlite:///{database}"
     if request.param == "memory":
         return "sqlite+aiosqlite://"
     url: str = request.getfixturevalue("postgres_url")
