@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import sqlalchemy as sa
 
 from bench.cpu import tree_seconds
@@ -128,8 +129,6 @@ async def run(backend: str, url: str, seconds: float, database_pid: int | None) 
         await db.upgrade(engine)
         prepared = statements(Driver(engine))
         if backend == "postgres":
-            import asyncpg
-
             dsn = url.replace("postgresql+asyncpg://", "postgresql://")
             conns = [await asyncpg.connect(dsn, ssl=False) for _ in range(WIDTH)]
             nonces = itertools.count(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -24,6 +25,8 @@ async def fresh_url(database_url: str, request: pytest.FixtureRequest) -> str:
     """An empty database on the test's backend."""
     url = sa.make_url(database_url)
     if url.get_backend_name() == "sqlite":
+        if url.database:  # a file: the test's copy of the migrated template, removed
+            os.remove(url.database)
         return database_url
     admin = request.getfixturevalue("postgres_admin_url")
     await _admin(
