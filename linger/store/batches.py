@@ -107,6 +107,11 @@ def _add_many_stmt() -> sa.Insert:
 _CHUNKS = (64, 8, 1)
 
 
+def _add_rows(count: int) -> sa.ClauseElement:
+    """SQLite's add of ``count`` messages of a batch (``_insert_rows``)."""
+    return announced(_insert_rows(count), postgres=False)
+
+
 def _insert_rows(count: int) -> sa.Insert:
     """An INSERT of ``count`` messages, row i's columns bound as ``<column>_<i>``."""
     return sa.insert(m).values(
@@ -143,7 +148,10 @@ class Batches:
         if postgres:
             self._add = prepare(announced(_add_many_stmt(), postgres=True, counted=True))
         else:
-            self._adds = {k: prepare(announced(_insert_rows(k), postgres=False)) for k in _CHUNKS}
+            # The 64-row INSERT alone takes tens of milliseconds to compile.
+            self._adds = {
+                k: driver.prepare_once(("add rows", k), partial(_add_rows, k)) for k in _CHUNKS
+            }
             # The columns of each row, in the order of the statements' arguments: where
             # each is in a tuple of the batch's values (_shared) and a row's.
             columns = [n.rsplit("_", 1)[0] for n in self._adds[1].names]

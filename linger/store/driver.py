@@ -33,6 +33,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Generator,
+    Hashable,
     Iterable,
     Mapping,
     Sequence,
@@ -134,6 +135,8 @@ _RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
 )
 _RETRY_ATTEMPTS = 4
+# Statements compiled by ``Driver.prepare_once``.
+_PREPARED: dict[tuple[type, Any, Hashable], Prepared] = {}
 # Most operations committed in one group.
 _GROUP_LIMIT = 128
 # Dead pooled connections skipped before giving up: more than the pool can hold.
@@ -497,6 +500,17 @@ class Driver(Generic[L]):
         assert isinstance(compiled, SQLCompiler)
         # Binds given values at build time (LIMIT 1, IN lists) keep them as defaults.
         return Prepared(compiled.string, tuple(compiled.positiontup or ()), compiled.params)
+
+    def prepare_once(self, key: Hashable, build: Callable[[], ClauseElement]) -> Prepared:
+        """``prepare(build())``, compiled once per process for this kind of database (its
+        dialect and server version) and ``key``: for statements that take long to compile
+        and depend on nothing else (every start, and every test's app, would pay)."""
+        dialect = self._engine.dialect
+        cache_key = (type(dialect), dialect.server_version_info, key)
+        prepared = _PREPARED.get(cache_key)
+        if prepared is None:
+            prepared = _PREPARED[cache_key] = self.prepare(build())
+        return prepared
 
     @asynccontextmanager
     async def _connect(self) -> AsyncIterator[Any]:
