@@ -217,27 +217,17 @@ def main(argv: list[str] | None = None) -> int:
             url = cluster.url if cluster else None
             return linger_command(backend, Path(workdir), url, args.python)
 
+        database_pid = cluster.pid if cluster else None
+        # Scenarios that make rows of their own, rather than one figure per backend.
+        own_rows: dict[str, Callable[[], list[Row]]] = {
+            "auth": lambda: _auth_rows(backends, command, size, runs, database_pid),
+            "floor": lambda: _floor_rows(backends, Path(workdir), cluster, size, runs),
+            "observe": lambda: _observe_rows(backends, command, size),
+            "longpoll": lambda: _longpoll_rows(backends, command, size, args.no_original),
+        }
         for name in chosen:
-            if name == "auth":
-                new = _auth_rows(backends, command, size, runs, cluster.pid if cluster else None)
-                failures += sum(row[2].startswith("FAILED") for row in new)
-                rows.extend(new)
-                print_table(new, header=False)
-                continue
-            if name == "floor":
-                new = _floor_rows(backends, Path(workdir), cluster, size, runs)
-                failures += sum(row[2].startswith("FAILED") for row in new)
-                rows.extend(new)
-                print_table(new, header=False)
-                continue
-            if name == "observe":
-                new = _observe_rows(backends, command, size)
-                failures += sum(row[2].startswith("FAILED") for row in new)
-                rows.extend(new)
-                print_table(new, header=False)
-                continue
-            if name == "longpoll":
-                new = _longpoll_rows(backends, command, size, args.no_original)
+            if name in own_rows:
+                new = own_rows[name]()
                 failures += sum(row[2].startswith("FAILED") for row in new)
                 rows.extend(new)
                 print_table(new, header=False)
