@@ -101,11 +101,14 @@ def measure(
     )
 
 
-def http_ceiling(size: Size) -> str:
+def http_ceiling(size: Size, connections: int = 16) -> str:
     """The cycle against aiohttp with nothing behind it: the Python HTTP stack's own
-    ceiling, which bounds every Linger figure."""
+    ceiling, which bounds every Linger figure (by one connection: what a lightly loaded
+    server's requests cost, the floor of ``cycle-1``)."""
     with started("noop", [sys.executable, "-m", "bench.noop"]) as server, server.metered() as cpu:
-        result = scenarios.wrk(server, "cycle.lua", ["noop"], connections=16, seconds=size.seconds)
+        result = scenarios.wrk(
+            server, "cycle.lua", ["noop"], connections=connections, seconds=size.seconds
+        )
     return (
         f"{result.rate:,.0f} cycles/s, {cpu.server / result.ops * 1e6:,.0f} µs CPU per cycle "
         "(aiohttp answering the cycle with no database)"
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"load generator ceiling: {generator_ceiling(size.seconds)}")
     print(f"Python HTTP ceiling: {http_ceiling(size)}")
+    if "cycle-1" in chosen:
+        print(f"Python HTTP ceiling by one connection: {http_ceiling(size, 1)}")
     print(
         f"{runs} run(s) per figure, {size.seconds:g} s each; medians "
         f"(the original's {', '.join(sorted(SLOW_ON_ORIGINAL))}: one run)\n"

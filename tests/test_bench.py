@@ -56,6 +56,8 @@ def test_benchmark_counts_the_database_cpu_per_message_with_and_without_auth() -
     result = _bench("postgres", "cycle,cycle-1,batch,auth,floor")
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert "FAILED" not in result.stdout, result.stdout
+    # cycle-1's floor: the HTTP stack alone, by one connection.
+    assert "Python HTTP ceiling by one connection: " in result.stdout, result.stdout
     # The cycle with --auth, beside the one without, in the same sitting.
     assert any(row.startswith("| cycle --auth | postgres |") for row in rows), rows
     for scenario in ("cycle", "cycle-1", "batch", "cycle --auth", "cycle floor"):
@@ -63,3 +65,28 @@ def test_benchmark_counts_the_database_cpu_per_message_with_and_without_auth() -
         linger, database = _cpu(row)
         assert linger > 0, row
         assert database > 0, row
+
+
+def test_profile_samples_are_counted_by_the_module_of_their_innermost_frame() -> None:
+    from bench.samples import count
+
+    raw = [
+        "<module> (linger/__main__.py:5);run (asyncio/runners.py:118);"
+        "_run_once (asyncio/base_events.py:1922);select (selectors.py:468) 7",
+        "_run_once (asyncio/base_events.py:1936);data_received (aiohttp/web_protocol.py:380) 5",
+        "handle (linger/http/server.py:90);claim (linger/store/messages.py:210) 3",
+        "execute (/opt/venv/lib/python3.11/site-packages/asyncpg/connection.py:318) 2",
+        "dumps (/usr/lib/python3.11/json/__init__.py:231) 1",
+        "thread (0x7f3a);loop (bench/samples.py:40) 1",
+        "a line that is not a sample",
+        "",
+    ]
+    places = count(raw)
+    assert places == {
+        "the event loop (asyncio, selectors, threads)": 7,
+        "aiohttp": 5,
+        "linger/store/messages.py": 3,
+        "asyncpg": 2,
+        "json": 1,
+        "bench": 1,
+    }
