@@ -15,18 +15,15 @@ from collections import Counter
 from pathlib import Path
 
 # "function (path/to/file.py:123)", py-spy's way of naming a frame.
-FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
+FRAME = re.compile(r"^.* \((?P<file>[^():]+)(?::\d+)?\)$")
 LOOP = ("asyncio/", "selectors.py", "threading.py", "concurrent/futures/")
 
 
-def place(frame: str) -> str:
-    """The module or package a frame is in, as the table names it. py-spy names files
+def place(file: str) -> str:
+    """The module or package of a frame's file, as the table names it. py-spy names files
     relative to the import path (``aiohttp/web_protocol.py``, ``selectors.py``) unless
     asked for full names, which are cut the same way here."""
-    match = FRAME.match(frame.strip())
-    if not match:
-        return frame.strip() or "?"
-    file = match["file"].replace("\\", "/")
+    file = file.replace("\\", "/")
     if "/site-packages/" in file:
         file = file.rsplit("/site-packages/", 1)[1]
     elif "/lib/python3." in file:
@@ -41,14 +38,15 @@ def place(frame: str) -> str:
 
 
 def count(lines: list[str]) -> Counter[str]:
-    """Samples by place: a raw line is ``frame;frame;...;frame COUNT``, outermost first."""
+    """Samples by place: a raw line is ``frame;frame;...;frame COUNT``, outermost first;
+    frames that name no file (py-spy's thread and process labels) are skipped."""
     places: Counter[str] = Counter()
     for line in lines:
         stack, _, samples = line.rstrip("\n").rpartition(" ")
         if not stack or not samples.isdigit():
             continue
-        frames = [frame for frame in stack.split(";") if FRAME.match(frame.strip())]
-        places[place(frames[-1]) if frames else "?"] += int(samples)
+        files = [m["file"] for m in map(FRAME.match, map(str.strip, stack.split(";"))) if m]
+        places[place(files[-1]) if files else "?"] += int(samples)
     return places
 
 

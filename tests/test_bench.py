@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from bench import samples
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -68,8 +70,6 @@ def test_benchmark_counts_the_database_cpu_per_message_with_and_without_auth() -
 
 
 def test_profile_samples_are_counted_by_the_module_of_their_innermost_frame() -> None:
-    from bench.samples import count
-
     raw = [
         "<module> (linger/__main__.py:5);run (asyncio/runners.py:118);"
         "_run_once (asyncio/base_events.py:1922);select (selectors.py:468) 7",
@@ -81,7 +81,7 @@ def test_profile_samples_are_counted_by_the_module_of_their_innermost_frame() ->
         "a line that is not a sample",
         "",
     ]
-    places = count(raw)
+    places = samples.count(raw)
     assert places == {
         "the event loop (asyncio, selectors, threads)": 7,
         "aiohttp": 5,
