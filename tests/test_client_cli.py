@@ -225,9 +225,11 @@ def test_sigterm_stops_the_example_worker_with_nothing_left_hidden(
     )  # fmt: skip
     assert produced.returncode == 0, produced.stderr
     assert produced.stdout.startswith("3000 orders added")
+    # Unbuffered: readline() must not read ahead lines that communicate(), which reads
+    # the pipe itself, would then never see.
     worker = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "worker.py")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=live.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=live.env(), bufsize=0,
     )  # fmt: skip
     try:
         assert worker.stdout is not None
@@ -242,7 +244,7 @@ def test_sigterm_stops_the_example_worker_with_nothing_left_hidden(
     printed = 50 + len(rest.splitlines())
     stats = client.channel_stats("orders")
     assert stats.hidden == 0
-    assert stats.ready == 3000 - printed > 0
+    assert stats.ready == 3000 - printed > 0, (stats, printed, err[-2000:])
     client.drain("orders")
 
 
