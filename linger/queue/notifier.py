@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import TracebackType
 
 
 class Waiter:
@@ -17,6 +18,26 @@ class Waiter:
         self.alive = alive
 
 
+class _Sleeping:
+    """``Notifier.sleeping``: counts the waiters inside it."""
+
+    __slots__ = ("_notifier",)
+
+    def __init__(self, notifier: Notifier) -> None:
+        self._notifier = notifier
+
+    def __enter__(self) -> None:
+        self._notifier._asleep += 1
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._notifier._asleep -= 1
+
+
 class Notifier:
     """Maps each channel to its waiters in arrival order."""
 
@@ -24,6 +45,7 @@ class Notifier:
         self._waiters: dict[str, dict[Waiter, None]] = {}
         self._count = 0
         self._asleep = 0
+        self._sleeping = _Sleeping(self)
         self.closed = False
 
     def notify(self, channel: str, count: int = 1) -> None:
@@ -64,14 +86,11 @@ class Notifier:
         """Waiters asleep now: registered, and not claiming."""
         return self._asleep
 
-    @contextmanager
-    def sleeping(self) -> Iterator[None]:
-        """A registered waiter sleeps for the duration of the block."""
-        self._asleep += 1
-        try:
-            yield
-        finally:
-            self._asleep -= 1
+    def sleeping(self) -> _Sleeping:
+        """A registered waiter sleeps for the duration of the block. One object serves
+        every waiter (it holds no state of its own): a long-poll keeps what it enters
+        for its whole wait, and ten thousand of them should not keep ten thousand."""
+        return self._sleeping
 
     @asynccontextmanager
     async def waiter(self, channel: str, alive: Callable[[], bool]) -> AsyncIterator[Waiter]:
