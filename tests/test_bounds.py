@@ -300,6 +300,6 @@ async def test_get_for_a_closed_connection_claims_nothing(client: Client) -> Non
     first claim of a long-poll) must not hide a message for its whole timeout."""
     await add(client, "c", "kept")
     broker = client.app[BROKER]
-    assert await broker.get("c", wait=0, alive=lambda: False) is None
-    assert await broker.get("c", wait=1.0, alive=lambda: False) is None
+    assert await broker.receive("c", 1, wait=0, alive=lambda: False) == []
+    assert await broker.receive("c", 1, wait=1.0, alive=lambda: False) == []
     assert await stats(client, "c") == {"ready": 1, "hidden": 0}
