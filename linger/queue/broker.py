@@ -141,10 +141,11 @@ class Broker:
         relist = loop.time() + _RELIST
         while (remaining := deadline - loop.time()) > 0:
             try:
+                # asyncio.timeout, not wait_for: the wait runs in this task, where
+                # wait_for would hold a task of its own for each waiting consumer.
                 with self.notifier.sleeping():
-                    await asyncio.wait_for(
-                        waiter.event.wait(), min(remaining, relist - loop.time())
-                    )
+                    async with asyncio.timeout(min(remaining, relist - loop.time())):
+                        await waiter.event.wait()
             except TimeoutError:
                 if loop.time() >= relist and deadline - loop.time() > 0:
                     relist = loop.time() + _RELIST
