@@ -44,7 +44,7 @@ BACKENDS = [
     # event loop itself: the message paths run on it too (MEMORY_MODULES).
     pytest.param("memory", marks=pytest.mark.sqlite),
 ]
-MEMORY_MODULES = frozenset({"test_messages", "test_batches"})
+MEMORY_MODULES = frozenset({"test_messages", "test_batches", "test_batch_invariants"})
 TEST_DB = "linger_test"
 T = TypeVar("T")
 

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import random
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,8 +22,10 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
+from linger.store import driver
+
 from .conftest import ClientFactory, Clock, NoDeadlocks
-from .helpers import Client, connection, error, raw, stats
+from .helpers import Client, Probe, connection, error, raw, stats
 from .pgcluster import asyncpg_dsn
 from .processes import until
 from .test_batches import acknowledge, add_many, receive
@@ -30,6 +33,7 @@ from .test_batches import acknowledge, add_many, receive
 JSON = {"Content-Type": "application/json"}
 NDJSON = {"Content-Type": "application/x-ndjson"}
 MEMORY = "sqlite+aiosqlite://"
+QUIET = {"sweep_interval": 60.0, "poll_interval": 60.0}
 _UTF8_JSON = "application/json; charset=utf-8"
 
 
@@ -724,3 +728,77 @@ async def test_a_redrive_of_all_moves_a_dead_letter_released_meanwhile(
         assert await response.json() == {"moved": 2}
         moved = await admin.fetch("SELECT id FROM messages WHERE channel = 'back' ORDER BY id")
         assert [r[0] for r in moved] == [x, y]
+
+
+# Where the in-memory database's write groups run
+
+
+async def _groups_from_now(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, int]]:
+    """Each SQLite write group from now on: (ran on the event loop, its operations).
+    The sweep that a server runs as it starts has finished by then."""
+    await asyncio.sleep(0.1)
+    seen: list[tuple[bool, int]] = []
+    for name in ("_sqlite_group", "_sqlite_autocommit"):
+        run = getattr(driver, name)
+
+        def recording(conn: Any, factories: list[Any], ledger: Any, run: Any = run) -> Any:
+            seen.append((threading.current_thread() is threading.main_thread(), len(factories)))
+            return run(conn, factories, ledger)
+
+        monkeypatch.setattr(driver, name, recording)
+    return seen
+
+
+@pytest.mark.sqlite
+async def test_in_memory_batches_of_small_bodies_run_on_the_loop_in_bounded_groups(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent batch adds, receives and deletes of 100 small messages run on the event
+    loop, at most LIGHT_ROWS rows a group: more groups, never a longer hold of the loop.
+    Every message is delivered once and deleted."""
+    client = await make_client(db=MEMORY, **QUIET)
+    groups = await _groups_from_now(monkeypatch)
+    items = [{"body": "x" * 256}] * 100
+    added = await asyncio.gather(*(add_many(client, "small", items) for _ in range(6)))
+    ids = [message_id for batch in added for message_id in batch]
+    got = await asyncio.gather(*(receive(client, "small", 100) for _ in range(6)))
+    delivered = [m for batch in got for m in batch]
+    assert sorted(m["id"] for m in delivered) == sorted(ids)
+    assert len(set(ids)) == 600
+    leases = [m["lease"] for m in delivered]
+    chunks = [{"leases": leases[i : i + 100]} for i in range(0, 600, 100)]
+    answers = await asyncio.gather(*(acknowledge(client, "delete", c) for c in chunks))
+    assert sum(len(answer["done"]) for answer in answers) == 600
+    assert await stats(client, "small") == {"ready": 0, "hidden": 0}
+    assert len(groups) >= 18 // (driver.LIGHT_ROWS // 100)
+    assert all(on_loop for on_loop, _ in groups), groups
+    assert max(size for _, size in groups) <= driver.LIGHT_ROWS // 100
+
+
+@pytest.mark.sqlite
+async def test_in_memory_writes_of_large_bodies_run_off_the_loop(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose bodies pass LIGHT_BYTES goes to aiosqlite's thread; so does, once
+    such bodies are stored, a receive of enough messages to read that much back. While a
+    receive reads 15 MiB of bodies back, another client is answered."""
+    client = await make_client(db=MEMORY, **QUIET)
+    groups = await _groups_from_now(monkeypatch)
+    await add_many(client, "small", [{"body": "s"}] * 100)
+    assert groups.pop() == (True, 1)
+    await add_many(client, "big", [{"body": "b" * 200_000}] * 3)  # 600,000 bytes
+    assert groups.pop() == (False, 1)
+    await receive(client, "big", 1)
+    assert groups.pop() == (True, 1)
+    # 100 messages of up to 200,000 bytes, as far as the claim can tell.
+    assert len(await receive(client, "small", 100)) == 100
+    assert groups.pop() == (False, 1)
+    largest = "L" * 262_144
+    for _ in range(3):
+        await add_many(client, "huge", [{"body": largest}] * 20)
+    async with Probe(client) as probe:
+        got = await receive(client, "huge", 60)
+    assert [m["body"] for m in got] == [largest] * 60
+    assert groups.pop() == (False, 1)
+    assert probe.answered > 0
+    assert probe.worst < 0.5, probe.worst

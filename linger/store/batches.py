@@ -31,7 +31,7 @@ from linger import errors
 from linger.auth.scopes import Patterns
 from linger.store import deadletters, leases
 from linger.store.db import messages
-from linger.store.driver import LIGHT_ROWS, Driver, Operation, single
+from linger.store.driver import Driver, Operation, single
 from linger.store.leases import Build, Scoped
 from linger.store.ledger import Tally
 from linger.store.records import DONE, MISSING, STALE, NewMessage
@@ -228,8 +228,12 @@ class Batches:
             # batch's values and the message's.
             head = tuple(common[name] for name in self._shared)
             params = [self._arguments(head + row) for row in rows]
+        sizes = [len(message.body) for message in batch]
+        self._driver.stored(max(sizes, default=0))
         return await self._driver.write(
-            partial(self._add_operation, channel, params, hlm), light=False
+            partial(self._add_operation, channel, params, hlm),
+            rows=len(batch),
+            body_bytes=sum(sizes),
         )
 
     def _add_operation(
@@ -339,7 +343,7 @@ class Batches:
         acted, live = await self._driver.write(
             partial(self._classified, operation, params, len(ids)),
             key=key,
-            light=len(ids) <= LIGHT_ROWS,
+            rows=len(ids),
         )
         outcomes = [
             DONE if message_id in acted.done else STALE if message_id in live else MISSING

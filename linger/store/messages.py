@@ -14,7 +14,7 @@ from linger import errors
 from linger.auth.scopes import Patterns
 from linger.store import leases
 from linger.store.db import messages
-from linger.store.driver import LIGHT_ROWS, Declined, Driver, Operation, Prepared, Row, single
+from linger.store.driver import Declined, Driver, Operation, Prepared, Row, single
 from linger.store.ledger import Tally
 from linger.store.records import Detail, Message, Options
 from linger.store.sql import (
@@ -43,6 +43,8 @@ m = messages
 POLLED_TTL_MS = 180_000
 # A claim of many on PostgreSQL writes its channel's listing mark at most this often (ms).
 _MARK_EVERY_MS = 1_000
+# Claims of more messages than this run outside the write groups on PostgreSQL (``claim``).
+_DIRECT_CLAIM = 10
 # How long a drain waits before it looks again for rows that a transaction in flight held.
 _DRAIN_RETRY = 0.005
 STATES = ("ready", "hidden", "delayed")
@@ -196,7 +198,10 @@ class Messages:
         lone = None
         if self._lone is not None and hlm == 0:
             lone = partial(single, self._lone.add, params)
-        rows = await self._driver.write(partial(self._add_operation, params, hlm), lone=lone)
+        self._driver.stored(len(body))
+        rows = await self._driver.write(
+            partial(self._add_operation, params, hlm), body_bytes=len(body), lone=lone
+        )
         return int(rows[0][1])
 
     def _add_operation(
@@ -237,7 +242,7 @@ class Messages:
         # batch consumer never waits for the adds' and deletes' commits. Its listing mark
         # is then a write of its own, once a second per channel at most: a long-polled
         # channel stays listed for 180 s after its last poll, give or take that second.
-        direct = self._driver.postgres and n > LIGHT_ROWS
+        direct = self._driver.postgres and n > _DIRECT_CLAIM
         if direct and listed:
             listed = False
             await self._mark_listed(channel, now)
@@ -245,7 +250,8 @@ class Messages:
         return await self._driver.write(
             partial(self._claim_operation, stmt, params, listed),
             atomic=False,
-            light=n <= LIGHT_ROWS,
+            rows=n,
+            body_bytes=n * self._driver.largest_body,
             direct=direct,
         )
 

@@ -146,7 +146,9 @@ class Topics:
             "now": self.now(),
             "origin": self.origin,
         }
-        return await self._driver.write(partial(self._publish_operation, params, hlm), light=False)
+        self._driver.stored(len(body))
+        # As many rows as the topic has subscriptions.
+        return await self._driver.write(partial(self._publish_operation, params, hlm), rows=None)
 
     async def publish_many(
         self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
@@ -165,9 +167,8 @@ class Topics:
             }
             for message in batch
         ]
-        return await self._driver.write(
-            partial(self._publish_many_operation, each, hlm), light=False
-        )
+        self._driver.stored(max((len(message.body) for message in batch), default=0))
+        return await self._driver.write(partial(self._publish_many_operation, each, hlm), rows=None)
 
     def _publish_many_operation(
         self, each: list[dict[str, Any]], hlm: int, ledger: Tally
