@@ -104,6 +104,9 @@ class Metrics:
             buckets=_REQUEST_BUCKETS,
             registry=self.registry,
         )
+        # Each request's series, looked up once (labels() takes a lock and builds its key
+        # for every call): as bounded as the labels, routes by methods by status codes.
+        self._request_series: dict[tuple[str, str, int], Histogram] = {}
         database = Histogram(
             "linger_database_operation_duration_seconds",
             "Database work: reads, and write groups (each one transaction, group-committed).",
@@ -130,7 +133,11 @@ class Metrics:
         self.registry.register(_Collector(self))
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).observe(seconds)
+        key = (route, method, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = self.requests.labels(route, method, str(status))
+        series.observe(seconds)
 
     async def scrape(self) -> bytes:
         """Read the depths, then render every metric."""
