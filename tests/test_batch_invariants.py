@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import json
 import random
 import threading
@@ -753,16 +754,22 @@ async def _groups_from_now(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, 
 async def test_in_memory_batches_of_small_bodies_run_on_the_loop_in_bounded_groups(
     make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Concurrent batch adds, receives and deletes of 100 small messages run on the event
-    loop, at most LIGHT_ROWS rows a group: more groups, never a longer hold of the loop.
-    Every message is delivered once and deleted."""
+    """Batch adds, receives and deletes of 100 small messages run on the event loop;
+    concurrent ones at most LIGHT_ROWS rows a group there (more groups, never a longer
+    hold of the loop). Every message is delivered once and deleted."""
     client = await make_client(db=MEMORY, **QUIET)
     groups = await _groups_from_now(monkeypatch)
     items = [{"body": "x" * 256}] * 100
+    first = await add_many(client, "small", items)
+    got = await receive(client, "small", 100)
+    answer = await acknowledge(client, "delete", {"leases": [m["lease"] for m in got]})
+    assert sorted(answer["done"]) == sorted(first)
+    assert groups == [(True, 1)] * 3
+    groups.clear()
     added = await asyncio.gather(*(add_many(client, "small", items) for _ in range(6)))
     ids = [message_id for batch in added for message_id in batch]
-    got = await asyncio.gather(*(receive(client, "small", 100) for _ in range(6)))
-    delivered = [m for batch in got for m in batch]
+    received = await asyncio.gather(*(receive(client, "small", 100) for _ in range(6)))
+    delivered = [m for batch in received for m in batch]
     assert sorted(m["id"] for m in delivered) == sorted(ids)
     assert len(set(ids)) == 600
     leases = [m["lease"] for m in delivered]
@@ -770,9 +777,56 @@ async def test_in_memory_batches_of_small_bodies_run_on_the_loop_in_bounded_grou
     answers = await asyncio.gather(*(acknowledge(client, "delete", c) for c in chunks))
     assert sum(len(answer["done"]) for answer in answers) == 600
     assert await stats(client, "small") == {"ready": 0, "hidden": 0}
-    assert len(groups) >= 18 // (driver.LIGHT_ROWS // 100)
-    assert all(on_loop for on_loop, _ in groups), groups
-    assert max(size for _, size in groups) <= driver.LIGHT_ROWS // 100
+    on_loop = [size for inline, size in groups if inline]
+    assert on_loop
+    assert max(on_loop) <= driver.LIGHT_ROWS // 100
+
+
+@pytest.mark.sqlite
+async def test_in_memory_groups_hold_the_loop_for_a_burst_at_most(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past _INLINE_BURST of groups back to back on the event loop, the next group goes
+    to the thread (the loop serves waiting requests meanwhile): with no burst allowed, no
+    two groups in a row run on the loop."""
+    client = await make_client(db=MEMORY, **QUIET)
+    monkeypatch.setattr(driver, "_INLINE_BURST", 0.0)
+    groups = await _groups_from_now(monkeypatch)
+    items = [{"body": "x" * 100}] * 100
+    added = await asyncio.gather(*(add_many(client, "burst", items) for _ in range(8)))
+    assert len({message_id for batch in added for message_id in batch}) == 800
+    where = [inline for inline, _size in groups]
+    assert True in where
+    assert False in where
+    assert not any(a and b for a, b in itertools.pairwise(where)), groups
+    assert (await stats(client, "burst"))["ready"] == 800
+
+
+@pytest.mark.sqlite
+async def test_in_memory_acknowledgements_weigh_the_bodies_they_rewrite(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release, reject or delete rewrites or frees its messages' bodies: once bodies of
+    200,000 bytes are stored, one of 200 leases goes to the thread and single ones run
+    on the loop at most two a group (LIGHT_BYTES). Every lease is acted on."""
+    client = await make_client(db=MEMORY, **QUIET)
+    await add_many(client, "heavy", [{"body": "h" * 200_000}] * 20)
+    groups = await _groups_from_now(monkeypatch)
+    got = await receive(client, "heavy", 20)
+    assert groups.pop() == (False, 1)
+    answer = await acknowledge(client, "release", {"leases": [m["lease"] for m in got]})
+    assert len(answer["done"]) == 20
+    assert groups.pop() == (False, 1)
+    got = [m for _ in range(20) for m in await receive(client, "heavy", 1)]
+    assert len(got) == 20
+    groups.clear()
+    responses = await asyncio.gather(
+        *(client.delete(f"/messages/{m['id']}", params={"lease": m["lease"]}) for m in got)
+    )
+    assert [r.status for r in responses] == [204] * 20
+    assert groups
+    assert max(size for inline, size in groups if inline) <= 2
+    assert await stats(client, "heavy") == {"ready": 0, "hidden": 0}
 
 
 @pytest.mark.sqlite

@@ -251,7 +251,6 @@ class Messages:
             partial(self._claim_operation, stmt, params, listed),
             atomic=False,
             rows=n,
-            body_bytes=n * self._driver.largest_body,
             direct=direct,
         )
 
@@ -280,7 +279,9 @@ class Messages:
     async def polled(self, channel: str) -> None:
         """A consumer long-polls ``channel``, or stopped now: list it for 180 s from now."""
         until = self.now()
-        await self._driver.write(lambda ledger: _note_polled(ledger, channel, until), atomic=False)
+        await self._driver.write(
+            lambda ledger: _note_polled(ledger, channel, until), atomic=False, body_bytes=0
+        )
 
     async def delete(
         self, message_id: int, lease: int | None = None, scope: Patterns | None = None

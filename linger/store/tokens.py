@@ -99,7 +99,9 @@ class Tokens:
         """Note when each (token id, time) pair was last used, in one transaction."""
         pairs = list(used)
         if pairs:
-            await self._driver.write(partial(self._mark_operation, pairs), rows=len(pairs))
+            await self._driver.write(
+                partial(self._mark_operation, pairs), rows=len(pairs), body_bytes=0
+            )
 
     def _mark_operation(self, pairs: list[tuple[int, int]], _ledger: Tally) -> Operation[None]:
         for token_id, at in pairs:

@@ -115,7 +115,7 @@ class Topics:
         """A write of one subscription's row."""
         operation = partial(unnoted, stmt, params)
         key = ("subscription", params["topic"], params["channel"])
-        return await self._driver.write(operation, atomic=False, key=key)
+        return await self._driver.write(operation, atomic=False, key=key, body_bytes=0)
 
     async def subscribe(self, channel: str, topic: str, options: Options) -> None:
         """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
