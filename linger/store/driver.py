@@ -147,10 +147,6 @@ _STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
 # about 2.5 ms a MiB: each bound is about a millisecond of the loop's time.
 LIGHT_ROWS = 200
 LIGHT_BYTES = 512 * 1024
-# Seconds the committer may run such groups back to back; the next group then goes to
-# the thread, and the loop serves the requests waiting meanwhile (a new request needs
-# several turns of the loop before it is answered, more than one yield between groups).
-_INLINE_BURST = 0.002
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
 # Operations run outside the groups at once on PostgreSQL (``Driver.write``'s ``direct``);
@@ -655,9 +651,9 @@ class Driver(Generic[L]):
         column of it, and frees a body's pages to delete it). On the in-memory database,
         operations run on the event loop in groups of at most ``LIGHT_ROWS`` rows and
         ``LIGHT_BYTES`` bytes (such a group commits without waiting for any disk, so
-        small groups cost little), for ``_INLINE_BURST`` seconds in a row at most;
-        anything heavier runs in aiosqlite's thread, which lets the loop run while
-        SQLite works.
+        small groups cost little), and the loop serves other requests between two
+        groups; anything heavier runs in aiosqlite's thread, which lets the loop run
+        while SQLite works.
 
         ``lone`` is the operation as one statement that keeps the ledger's counts itself
         (PostgreSQL's data-changing CTEs): when the operation is alone in its group, that
@@ -724,22 +720,15 @@ class Driver(Generic[L]):
         return result
 
     async def _commit_pending(self) -> None:
-        burst = None  # since when groups have run on the loop back to back
         try:
             while self._pending:
                 group, inline = self._next_group()
                 size, started = len(group), time.perf_counter()
-                if inline:
-                    burst = started if burst is None else burst
-                    if started - burst > _INLINE_BURST:
-                        inline, burst = False, None
                 await self._commit(group, inline)
                 if self.on_group is not None:
                     self.on_group(size, time.perf_counter() - started)
                 if inline:  # the group held the loop: the requests it answered go first
                     await asyncio.sleep(0)
-                else:
-                    burst = None
         finally:
             self._committers -= 1
 
