@@ -29,6 +29,7 @@ from .helpers import Client, Probe, connection, error, raw, stats
 from .pgcluster import asyncpg_dsn
 from .processes import until
 from .test_batches import acknowledge, add_many, receive
+from .test_topics import publish, subscribe
 
 JSON = {"Content-Type": "application/json"}
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -839,3 +840,44 @@ async def test_in_memory_writes_of_large_bodies_run_off_the_loop(
     assert groups.pop() == (False, 1)
     assert probe.answered > 0
     assert probe.worst < 0.5, probe.worst
+
+
+@pytest.mark.sqlite
+async def test_in_memory_publishes_run_on_the_loop_once_their_fanout_is_known(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A topic's first publish goes to aiosqlite's thread (how many copies it writes is
+    not known); later ones run on the event loop while their copies are few. Subscribing
+    many more channels, even while publishes are under way, sends them to the thread
+    again; an unsubscribe forgets the topic. Every channel gets every copy."""
+    client = await make_client(db=MEMORY, **QUIET)
+    for i in range(4):
+        await subscribe(client, f"fan{i}", "news")
+    groups = await _groups_from_now(monkeypatch)
+    assert len(await publish(client, "news")) == 4
+    assert groups.pop() == (False, 1)
+    assert len(await publish(client, "news")) == 4
+    assert groups.pop() == (True, 1)
+    many = [subscribe(client, f"fan{i}", "news") for i in range(4, 300)]
+    during = [publish(client, "news") for _ in range(3)]
+    await asyncio.gather(*many, *during)
+    assert len(await publish(client, "news")) == 300
+    groups.clear()
+    assert len(await publish(client, "news")) == 300
+    assert groups == [(False, 1)]
+    response = await client.delete(raw("/channels/fan299/topics/news"))
+    assert response.status == 204
+    assert len(await publish(client, "news")) == 299
+    assert groups.pop() == (False, 1)
+    for i in range(4, 299):
+        response = await client.delete(raw(f"/channels/fan{i}/topics/news"))
+        assert response.status == 204
+    groups.clear()
+    assert len(await publish(client, "news")) == 4
+    assert len(await publish(client, "news")) == 4
+    assert groups == [(False, 1), (True, 1)]
+    assert (await stats(client, "fan0"))["ready"] == 10
+    # The 3 publishes made while subscribing reached some of the new channels each.
+    assert 2 <= (await stats(client, "fan299"))["ready"] <= 5
+    counts = {(await stats(client, f"fan{i}"))["ready"] for i in range(4, 299)}
+    assert counts <= {3, 4, 5, 6}

@@ -65,6 +65,12 @@ class Topics:
         self._driver = driver
         self.now = now
         self.origin = origin
+        # How many copies a publish to each topic writes at most, as far as this process
+        # knows: what its last publish wrote, plus the subscriptions made since (an
+        # unsubscribe forgets the topic). On the in-memory database, which holds only what
+        # this process wrote, this decides whether a publish may run on the event loop
+        # (``Driver.write``); a topic not known (not published to yet) goes to the thread.
+        self._fanout: dict[str, int] = {}
         prepare = driver.prepare
         insert = postgresql.insert if driver.postgres else sqlite.insert
         options = {
@@ -119,6 +125,8 @@ class Topics:
 
     async def subscribe(self, channel: str, topic: str, options: Options) -> None:
         """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
+        if topic in self._fanout:  # before the write: a publish may run meanwhile
+            self._fanout[topic] += 1
         await self._write(
             self._subscribe,
             channel=channel,
@@ -133,6 +141,7 @@ class Topics:
 
     async def unsubscribe(self, channel: str, topic: str) -> bool:
         """Remove the subscription; return whether there was one."""
+        self._fanout.pop(topic, None)
         return bool(await self._write(self._unsubscribe, channel=channel, topic=topic))
 
     async def publish(self, topic: str, body: bytes, content_type: str, hlm: int = 0) -> Published:
@@ -147,8 +156,12 @@ class Topics:
             "origin": self.origin,
         }
         self._driver.stored(len(body))
-        # As many rows as the topic has subscriptions.
-        return await self._driver.write(partial(self._publish_operation, params, hlm), rows=None)
+        rows, body_bytes = self._weight(topic, [body])
+        published = await self._driver.write(
+            partial(self._publish_operation, params, hlm), rows=rows, body_bytes=body_bytes
+        )
+        self._copied(topic, [published])
+        return published
 
     async def publish_many(
         self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
@@ -167,8 +180,30 @@ class Topics:
             }
             for message in batch
         ]
-        self._driver.stored(max((len(message.body) for message in batch), default=0))
-        return await self._driver.write(partial(self._publish_many_operation, each, hlm), rows=None)
+        bodies = [message.body for message in batch]
+        self._driver.stored(max(map(len, bodies), default=0))
+        rows, body_bytes = self._weight(topic, bodies)
+        published = await self._driver.write(
+            partial(self._publish_many_operation, each, hlm), rows=rows, body_bytes=body_bytes
+        )
+        self._copied(topic, published)
+        return published
+
+    def _weight(self, topic: str, bodies: Sequence[bytes]) -> tuple[int | None, int]:
+        """The rows (None: not known) and body bytes that publishing ``bodies`` writes."""
+        fanout = self._fanout.get(topic)
+        if fanout is None:
+            return None, 0
+        # A long body is stored once, a short one in every copy.
+        body_bytes = sum(n if n > SHARED_BODY_MIN else n * fanout for n in map(len, bodies))
+        return fanout * len(bodies), body_bytes
+
+    def _copied(self, topic: str, published: list[Published]) -> None:
+        """Learn ``topic``'s fan-out from what a publish wrote (``_fanout``); the larger
+        one stays, since subscriptions made during the publish were counted already."""
+        copies = max((len(p.ids) + len(p.skipped) for p in published), default=0)
+        if copies:
+            self._fanout[topic] = max(copies, self._fanout.get(topic, 0))
 
     def _publish_many_operation(
         self, each: list[dict[str, Any]], hlm: int, ledger: Tally
