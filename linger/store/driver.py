@@ -505,11 +505,13 @@ class Driver(Generic[L]):
         # An in-memory database neither waits for a disk nor shares its connection: light
         # writes run right on the event loop, which saves two thread switches per group.
         # Reads (monitoring, peeks, the poller: they may count many rows), groups run
-        # alone (sweeps, drains) and heavy writes (publishes, large bodies) still go to
-        # aiosqlite's thread, which lets the loop run while SQLite works.
+        # alone (sweeps, drains) and heavy writes (large bodies, publishes to many or to
+        # topics not known yet) still go to aiosqlite's thread, which lets the loop run
+        # while SQLite works.
         self._inline = not self.postgres and engine.url.database in (None, "", ":memory:")
-        # The longest body this process stored: what a claim of n may read back, n times
-        # (the in-memory database holds only what this process stored).
+        # The longest body this process stored: what each row counts as of a write that
+        # cannot say its bytes (the in-memory database holds only what this process
+        # stored, so no body it reads or rewrites is longer).
         self.largest_body = 0
 
     def stored(self, body_bytes: int) -> None:
