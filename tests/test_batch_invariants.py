@@ -22,7 +22,9 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 
+from linger.http.keys import BROKER
 from linger.store import driver
+from linger.store.records import Options
 
 from .conftest import ClientFactory, Clock, NoDeadlocks
 from .helpers import Client, Probe, connection, error, raw, stats
@@ -881,3 +883,51 @@ async def test_in_memory_publishes_run_on_the_loop_once_their_fanout_is_known(
     assert 2 <= (await stats(client, "fan299"))["ready"] <= 5
     counts = {(await stats(client, f"fan{i}"))["ready"] for i in range(4, 299)}
     assert counts <= {3, 4, 5, 6}
+
+
+@pytest.mark.sqlite
+async def test_in_memory_fanout_bounds_survive_races_with_subscriptions(
+    make_client: ClientFactory,
+) -> None:
+    """The bound of a topic's fan-out is never below its subscriptions, whatever runs
+    beside its publishes: subscriptions written after a publish that was under way
+    (first publish or not), an unsubscribe during a publish (which must not leave the
+    topic remembered), and re-subscriptions (which must not inflate it for good)."""
+    client = await make_client(db=MEMORY, **QUIET)
+    topics = client.app[BROKER].storage.topics
+    options = Options()
+
+    async def publish_beside(topic: str, changes: list[Any]) -> None:
+        # The publish's write is queued first; its group runs it before the others.
+        publishing = asyncio.create_task(topics.publish(topic, b"m", "text/plain"))
+        await asyncio.gather(publishing, *changes)
+
+    await topics.subscribe("r0", "first", options)
+    many = [topics.subscribe(f"r{i}", "first", options) for i in range(1, 150)]
+    await publish_beside("first", many)
+    assert topics._fanout.get("first", 150) >= 150
+    await topics.publish("first", b"m", "text/plain")
+    assert topics._fanout["first"] == 150
+
+    await topics.subscribe("k0", "known", options)
+    await topics.publish("known", b"m", "text/plain")
+    assert topics._fanout["known"] == 1
+    unsubscribe = topics.unsubscribe("nobody", "known")
+    await publish_beside("known", [unsubscribe])
+    assert "known" not in topics._fanout
+    await publish_beside(
+        "known", [topics.subscribe(f"k{i}", "known", options) for i in range(1, 150)]
+    )
+    assert topics._fanout.get("known", 150) >= 150
+
+    await topics.subscribe("gone", "leak", options)
+    await publish_beside("leak", [topics.unsubscribe("gone", "leak")])
+    assert "leak" not in topics._fanout
+
+    for _ in range(5):
+        await topics.subscribe("k0", "known", options)
+    assert topics._fanout.get("known", 155) >= 150
+    await topics.publish("known", b"m", "text/plain")
+    assert topics._fanout["known"] == 150
+    assert (await stats(client, "r149"))["ready"] >= 1
+    assert (await stats(client, "k0"))["ready"] == 4

@@ -66,11 +66,15 @@ class Topics:
         self.now = now
         self.origin = origin
         # How many copies a publish to each topic writes at most, as far as this process
-        # knows: what its last publish wrote, plus the subscriptions made since (an
-        # unsubscribe forgets the topic). On the in-memory database, which holds only what
-        # this process wrote, this decides whether a publish may run on the event loop
-        # (``Driver.write``); a topic not known (not published to yet) goes to the thread.
+        # knows: what a publish wrote while no subscription changed, plus the
+        # subscriptions made since (an unsubscribe forgets the topic). On the in-memory
+        # database, which holds only what this process wrote, this decides whether a
+        # publish may run on the event loop (``Driver.write``); a topic not known goes to
+        # the thread. Subscription changes begun, and under way: what tells a publish
+        # whether what it wrote is still its topic's fan-out.
         self._fanout: dict[str, int] = {}
+        self._changes = 0
+        self._changing = 0
         prepare = driver.prepare
         insert = postgresql.insert if driver.postgres else sqlite.insert
         options = {
@@ -121,7 +125,12 @@ class Topics:
         """A write of one subscription's row."""
         operation = partial(unnoted, stmt, params)
         key = ("subscription", params["topic"], params["channel"])
-        return await self._driver.write(operation, atomic=False, key=key, body_bytes=0)
+        self._changes += 1
+        self._changing += 1
+        try:
+            return await self._driver.write(operation, atomic=False, key=key, body_bytes=0)
+        finally:
+            self._changing -= 1
 
     async def subscribe(self, channel: str, topic: str, options: Options) -> None:
         """Subscribe ``channel`` to ``topic``, replacing the options of an existing one."""
@@ -157,10 +166,11 @@ class Topics:
         }
         self._driver.stored(len(body))
         rows, body_bytes = self._weight(topic, [body])
+        since = self._unchanged()
         published = await self._driver.write(
             partial(self._publish_operation, params, hlm), rows=rows, body_bytes=body_bytes
         )
-        self._copied(topic, [published])
+        self._copied(topic, [published], since)
         return published
 
     async def publish_many(
@@ -183,10 +193,11 @@ class Topics:
         bodies = [message.body for message in batch]
         self._driver.stored(max(map(len, bodies), default=0))
         rows, body_bytes = self._weight(topic, bodies)
+        since = self._unchanged()
         published = await self._driver.write(
             partial(self._publish_many_operation, each, hlm), rows=rows, body_bytes=body_bytes
         )
-        self._copied(topic, published)
+        self._copied(topic, published, since)
         return published
 
     def _weight(self, topic: str, bodies: Sequence[bytes]) -> tuple[int | None, int]:
@@ -198,12 +209,22 @@ class Topics:
         body_bytes = sum(n if n > SHARED_BODY_MIN else n * fanout for n in map(len, bodies))
         return fanout * len(bodies), body_bytes
 
-    def _copied(self, topic: str, published: list[Published]) -> None:
-        """Learn ``topic``'s fan-out from what a publish wrote (``_fanout``); the larger
-        one stays, since subscriptions made during the publish were counted already."""
+    def _unchanged(self) -> int | None:
+        """The subscription changes begun so far; None while one is under way."""
+        return None if self._changing else self._changes
+
+    def _copied(self, topic: str, published: list[Published], since: int | None) -> None:
+        """Learn ``topic``'s fan-out from what a publish wrote (``_fanout``), when no
+        subscription changed from before the publish (``since``) until now: it wrote
+        one copy per subscription then, and still does. Otherwise the bound stays as it
+        is (subscribes raised it before their write, unsubscribes removed it)."""
+        if since is None or since != self._changes:
+            return
         copies = max((len(p.ids) + len(p.skipped) for p in published), default=0)
         if copies:
-            self._fanout[topic] = max(copies, self._fanout.get(topic, 0))
+            self._fanout[topic] = copies
+        else:
+            self._fanout.pop(topic, None)
 
     def _publish_many_operation(
         self, each: list[dict[str, Any]], hlm: int, ledger: Tally
