@@ -156,41 +156,33 @@ class Topics:
     async def publish(self, topic: str, body: bytes, content_type: str, hlm: int = 0) -> Published:
         """Copy the message into every subscribed channel in one transaction, skipping
         channels at the high-level mark ``hlm`` (> 0); a long body is stored once."""
-        params = {
-            "topic": topic,
-            "body": body,
-            "body_id": None,
-            "content_type": content_type,
-            "now": self.now(),
-            "origin": self.origin,
-        }
-        self._driver.stored(len(body))
-        rows, body_bytes = self._weight(topic, [body])
-        since = self._unchanged()
-        published = await self._driver.write(
-            partial(self._publish_operation, params, hlm), rows=rows, body_bytes=body_bytes
-        )
-        self._copied(topic, [published], since)
-        return published
+        return (await self._publish_all(topic, [(body, content_type)], hlm))[0]
 
     async def publish_many(
         self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
     ) -> list[Published]:
         """Publish every message of ``batch`` in order, in one transaction (a statement
         per message: each copies it into every subscribed channel)."""
+        return await self._publish_all(topic, [(m.body, m.content_type) for m in batch], hlm)
+
+    async def _publish_all(
+        self, topic: str, messages: list[tuple[bytes, str]], hlm: int
+    ) -> list[Published]:
+        """Publish ``messages`` (body, content type) in order, in one transaction, where
+        their weight says (``_weight``), and learn the topic's fan-out from them."""
         now = self.now()
         each = [
             {
                 "topic": topic,
-                "body": message.body,
+                "body": body,
                 "body_id": None,
-                "content_type": message.content_type,
+                "content_type": content_type,
                 "now": now,
                 "origin": self.origin,
             }
-            for message in batch
+            for body, content_type in messages
         ]
-        bodies = [message.body for message in batch]
+        bodies = [body for body, _content_type in messages]
         self._driver.stored(max(map(len, bodies), default=0))
         rows, body_bytes = self._weight(topic, bodies)
         since = self._unchanged()
