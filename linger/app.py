@@ -74,6 +74,7 @@ def _resources(clock: Callable[[], float]) -> Callable[[web.Application], AsyncI
                 storage,
                 Notifier(),
                 hlm=settings.hlm,
+                max_copies=settings.max_copies,
                 poll_interval=settings.poll_interval,
                 max_waiters=settings.max_waiters,
             )

@@ -103,6 +103,13 @@ _OPTIONS: list[tuple[str, Callable[[str], Any], Any, str]] = [
         "largest body of a batch request in bytes",
     ),
     (
+        "max-copies",
+        _bounded_int(1, 100_000_000),
+        _DEFAULTS.max_copies,
+        "most copies one batch publish may write (messages x subscribed channels); "
+        "a batch of one message, like a single publish, is never refused",
+    ),
+    (
         "max-waiters",
         _bounded_int(1, 10_000_000),
         _DEFAULTS.max_waiters,

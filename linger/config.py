@@ -37,6 +37,9 @@ class Settings:
     body_timeout: float = 60.0
     max_batch: int = 1000
     max_batch_bytes: int = 16 * 1024 * 1024
+    # Copies one batch publish may write (messages x subscribed channels), about as long
+    # as the largest batch add holds the writer.
+    max_copies: int = 10_000
     # Bearer tokens from the database on every route but /health and /ready.
     auth: bool = False
     # Peers whose X-Forwarded-For is believed (who the client is, for --auth's budget of

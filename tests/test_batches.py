@@ -514,3 +514,98 @@ async def test_a_publish_to_many_subscribers_keeps_others_responsive(client: Cli
         assert response.status == 202
     assert probe.worst < 0.5, probe.worst
     assert (await stats(client, "sub7"))["ready"] == 20
+
+
+async def _publish_items(client: Client, topic: str, count: int) -> Any:
+    items = json.dumps([{"body": f"m{i}"} for i in range(count)])
+    return await client.post(f"/topics/{topic}/messages", data=items, headers=JSON)
+
+
+async def test_a_publish_past_max_copies_stores_nothing(make_client: ClientFactory) -> None:
+    """--max-copies bounds a batch publish's messages times its subscribed channels,
+    counted before anything is written; a batch of one, like a single publish, is never
+    refused."""
+    client = await make_client(max_copies=50)
+    for i in range(10):
+        await subscribe(client, f"cap{i}", "capped")
+    response = await _publish_items(client, "capped", 6)
+    refusal = "Batch would write 60 copies (6 messages to 10 channels); at most 50."
+    await error(response, 413, refusal)
+    assert [await stats(client, f"cap{i}") for i in range(10)] == [{"ready": 0, "hidden": 0}] * 10
+    response = await _publish_items(client, "capped", 5)  # exactly 50
+    assert response.status == 202
+    for i in range(10, 60):
+        await subscribe(client, f"cap{i}", "capped")
+    response = await _publish_items(client, "capped", 1)  # 60 copies of one message
+    assert response.status == 202
+    assert len((await response.json())["messages"][0]) == 60
+    response = await client.post("/topics/capped", data={"msg": "single"})
+    assert response.status == 202
+    assert (await stats(client, "cap0"))["ready"] == 7
+    assert (await stats(client, "cap59"))["ready"] == 2
+
+
+async def test_refused_publishes_race_subscribes_and_adds(
+    make_client: ClientFactory, no_deadlocks: NoDeadlocks | None
+) -> None:
+    """Batch publishes near the bound while channels subscribe and other clients add:
+    each publish stores a copy of every message in every channel it answers with, or
+    (413) nothing at all, and the adds that share its write group are kept."""
+    client = await make_client(max_copies=120)
+    for i in range(8):
+        await subscribe(client, f"race{i}", "near")
+
+    async def publishing() -> list[Any]:
+        response = await _publish_items(client, "near", 10)
+        assert response.status in (202, 413), await response.text()
+        return (await response.json())["messages"] if response.status == 202 else []
+
+    async def adding(worker: int) -> list[int]:
+        return [await add(client, "plain", f"{worker}.{i}") for i in range(3)]
+
+    published: list[dict[str, int]] = []
+    added: list[int] = []
+    for step in range(16):  # a channel joins during each round of publishes
+        _, first, second, ids = await asyncio.gather(
+            subscribe(client, f"race{8 + step}", "near"),
+            publishing(),
+            publishing(),
+            adding(step),
+        )
+        for answer in (first, second):  # every message of a publish in the same channels
+            assert len({tuple(sorted(copies)) for copies in answer}) <= 1, answer
+            published += answer
+        added += ids
+    assert 0 < len(published) < 320  # the first rounds fitted (12 channels), the last not
+    per_channel: dict[str, list[int]] = {}
+    for copies in published:
+        assert len(copies) <= 12  # at most 120 copies of 10 messages
+        for channel, message_id in copies.items():
+            per_channel.setdefault(channel, []).append(message_id)
+    for i in range(24):
+        channel = f"race{i}"
+        stored = [m["id"] for m in await receive(client, channel, 1000)]
+        assert sorted(stored) == sorted(per_channel.get(channel, [])), channel
+    assert len(set(added)) == 48
+    assert (await stats(client, "plain"))["ready"] == 48
+    if no_deadlocks is not None:
+        await no_deadlocks.check()
+
+
+async def test_a_publish_of_200000_copies_is_refused_at_once(client: Client) -> None:
+    """1,000 messages to 200 channels would be 200,000 copies in one transaction, holding
+    every other client's writes for seconds: refused (default --max-copies) before any is
+    written, while others are answered."""
+    await asyncio.gather(*(subscribe(client, f"wide{i}", "huge") for i in range(200)))
+    items = json.dumps([{"body": "x" * 100} for _ in range(1000)])
+    async with Probe(client) as probe:
+        answers = await asyncio.gather(
+            *(client.post("/topics/huge/messages", data=items, headers=JSON) for _ in range(4))
+        )
+        assert [answer.status for answer in answers] == [413] * 4
+        assert await add(client, "elsewhere", "kept")
+    assert probe.worst < 0.5, probe.worst
+    await error(answers[0], 413)
+    assert "would write 200000 copies" in (await answers[0].json())["error"]
+    assert (await stats(client, "wide0"))["ready"] == 0
+    assert (await stats(client, "elsewhere"))["ready"] == 1

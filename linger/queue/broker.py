@@ -35,12 +35,14 @@ class Broker:
         notifier: Notifier,
         *,
         hlm: int = 0,
+        max_copies: int = 0,
         poll_interval: float = 1.0,
         max_waiters: int = 20_000,
     ) -> None:
         self.storage = storage
         self.notifier = notifier
         self.hlm = hlm
+        self.max_copies = max_copies
         self.poll_interval = poll_interval
         self.max_waiters = max_waiters
         self.counters: Counter[str] = Counter()
@@ -68,7 +70,7 @@ class Broker:
     async def publish_many(self, topic: str, batch: Sequence[NewMessage]) -> list[dict[str, int]]:
         """Publish a batch of messages in one transaction, in order."""
         return self._published(
-            topic, await self.storage.topics.publish_many(topic, batch, self.hlm)
+            topic, await self.storage.topics.publish_many(topic, batch, self.hlm, self.max_copies)
         )
 
     def _published(self, topic: str, published: list[Published]) -> list[dict[str, int]]:

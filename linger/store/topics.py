@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from linger import errors
 from linger.store.db import bodies, messages, subscriptions
 from linger.store.driver import Driver, Operation, Outcome, Prepared, Row, single
 from linger.store.ledger import Tally, unnoted
@@ -117,6 +118,9 @@ class Topics:
             sa.select(s.c.topic).where(s.c.channel == param("channel", sa.String))
         )
         self._totals = prepare(sa.select(sa.func.count(), sa.func.count(sa.distinct(s.c.topic))))
+        self._fanout_count = prepare(
+            sa.select(sa.func.count()).where(s.c.topic == param("topic", sa.String))
+        )
 
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
         return await self._driver.read(partial(single, stmt, params))
@@ -159,14 +163,18 @@ class Topics:
         return (await self._publish_all(topic, [(body, content_type)], hlm))[0]
 
     async def publish_many(
-        self, topic: str, batch: Sequence[NewMessage], hlm: int = 0
+        self, topic: str, batch: Sequence[NewMessage], hlm: int = 0, most: int = 0
     ) -> list[Published]:
         """Publish every message of ``batch`` in order, in one transaction (a statement
-        per message: each copies it into every subscribed channel)."""
-        return await self._publish_all(topic, [(m.body, m.content_type) for m in batch], hlm)
+        per message: each copies it into every subscribed channel). With ``most`` > 0, a
+        batch of more than one message that would write more than ``most`` copies
+        stores nothing and raises ``MessageTooLarge``: one transaction holds the
+        writer, on SQLite every other write, for as long as its copies take."""
+        messages = [(m.body, m.content_type) for m in batch]
+        return await self._publish_all(topic, messages, hlm, most if len(batch) > 1 else 0)
 
     async def _publish_all(
-        self, topic: str, messages: list[tuple[bytes, str]], hlm: int
+        self, topic: str, messages: list[tuple[bytes, str]], hlm: int, most: int = 0
     ) -> list[Published]:
         """Publish ``messages`` (body, content type) in order, in one transaction, where
         their weight says (``_weight``), and learn the topic's fan-out from them."""
@@ -187,7 +195,9 @@ class Topics:
         rows, body_bytes = self._weight(topic, bodies)
         since = self._unchanged()
         published = await self._driver.write(
-            partial(self._publish_many_operation, each, hlm), rows=rows, body_bytes=body_bytes
+            partial(self._publish_many_operation, each, hlm, most),
+            rows=rows,
+            body_bytes=body_bytes,
         )
         self._copied(topic, published, since)
         return published
@@ -219,8 +229,16 @@ class Topics:
             self._fanout.pop(topic, None)
 
     def _publish_many_operation(
-        self, each: list[dict[str, Any]], hlm: int, ledger: Tally
+        self, each: list[dict[str, Any]], hlm: int, most: int, ledger: Tally
     ) -> Operation[list[Published]]:
+        if most:
+            # Counted in the transaction that copies, before anything is written.
+            fanout = int((yield self._fanout_count, {"topic": each[0]["topic"]})[0][0])
+            if fanout * len(each) > most:
+                raise errors.MessageTooLarge(
+                    f"Batch would write {fanout * len(each)} copies ({len(each)} messages "
+                    f"to {fanout} channels); at most {most}."
+                )
         published = []
         for params in each:
             published.append((yield from self._publish_operation(params, hlm, ledger)))
