@@ -8,7 +8,7 @@ from linger import errors
 from linger.http import access, bodies, params, server
 from linger.http.keys import SETTINGS, broker_of
 from linger.http.objects import message_response, messages_response
-from linger.http.responses import header_value
+from linger.http.responses import header_value, json_response
 from linger.store.messages import STATES
 
 
@@ -24,7 +24,7 @@ async def post_message(request: web.Request) -> web.Response:
     access.require(request, "produce", (options.dead,))
     bodies.require_content(body)
     message_id = await broker_of(request).add(channel, body.data, body.content_type, options)
-    return web.json_response({"id": message_id}, status=202)
+    return json_response({"id": message_id}, status=202)
 
 
 async def get_message(request: web.Request) -> web.Response:

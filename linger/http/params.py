@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote_to_bytes
 
@@ -32,12 +31,14 @@ def integer(text: str) -> int | None:
     return value if INT64_MIN <= value <= INT64_MAX else None
 
 
+# Unicode's control characters (category Cc) and surrogates (Cs).
+_NOT_IN_NAMES = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def valid_name(value: str) -> bool:
     """1 to 250 characters, none of them a control character nor half of a surrogate
     pair (a JSON string may escape one alone, and no database can store it)."""
-    return 1 <= len(value) <= NAME_LENGTH and not any(
-        unicodedata.category(char) in ("Cc", "Cs") for char in value
-    )
+    return 1 <= len(value) <= NAME_LENGTH and _NOT_IN_NAMES.search(value) is None
 
 
 def name(request: web.Request, segment: int, kind: str) -> str:
@@ -113,6 +114,8 @@ _OPTION_RULES: tuple[tuple[str, int, int, str], ...] = (
     ("delay", 0, 0, "Invalid message delay."),
 )
 _INVALID_DEAD = "Invalid dead-letter channel."
+_OPTION_KEYS = frozenset(rule[0] for rule in _OPTION_RULES) | {"dead"}
+_DEFAULT_OPTIONS = Options()
 
 
 def option(request: web.Request, key: str) -> int | None:
@@ -128,6 +131,8 @@ def option(request: web.Request, key: str) -> int | None:
 def options(values: Mapping[str, str], channel: str) -> Options:
     """Message options from ``values`` for a message of ``channel``, checked in the
     documented order (``dead`` last: a channel name, not ``channel`` itself)."""
+    if _OPTION_KEYS.isdisjoint(values):
+        return _DEFAULT_OPTIONS
     parsed: dict[str, int] = {}
     for key, default, low, text in _OPTION_RULES:
         parsed[key] = bounded(values.get(key), default, low, INT64_MAX, text)
