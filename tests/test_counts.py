@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -18,8 +19,8 @@ from linger.store.db import bodies, channels, messages
 from linger.store.records import Options
 from linger.store.sql import BATCH
 
-from .conftest import ClientFactory, Clock
-from .helpers import Client, add, connection, error, get, server_stats, stats
+from .conftest import ClientFactory, Clock, NoDeadlocks
+from .helpers import Client, add, connection, error, get, raw, server_stats, stats
 from .processes import until
 from .test_topics import publish, subscribe
 
@@ -314,3 +315,57 @@ async def test_groups_whose_changes_cancel_out_keep_counts_and_the_mark(
         assert all(isinstance(result, int | errors.ChannelFull) for result in added)
         counted = await _counted(client)
         assert counted == await _actual(client) == {"c": 4}
+
+
+# Names full of what SQL, JSON (SQLite's counts travel as a JSON array) or a URL would
+# read as syntax.
+_HOSTILE_NAMES = [
+    "it's",
+    "back\\slash",
+    "back\\'quote",
+    "$1",
+    "$2'); DROP TABLE messages; --",
+    "E'x'",
+    "ARRAY[1]",
+    "ü🙂 ünïcode",
+    'dou"ble',
+    "x" * 250,
+]
+
+
+async def test_counts_of_any_names_stay_exact_under_concurrent_groups(
+    client: Client, no_deadlocks: NoDeadlocks | None
+) -> None:
+    """With channel names full of quotes, backslashes and placeholders, and 8 clients
+    adding (singly and in batches), receiving and deleting at once, every kept count
+    equals the channel's rows."""
+    encoded = [quote(name, safe="") for name in _HOSTILE_NAMES]
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(30):
+            channel = rng.choice(encoded)
+            action = rng.randrange(4)
+            if action == 0:
+                await add(client, channel, b"m")
+            elif action == 1:
+                items = json.dumps([{"body": "b"}] * rng.randint(1, 5))
+                response = await client.post(
+                    raw(f"/channels/{channel}/messages"),
+                    data=items,
+                    headers={"Content-Type": "application/json"},
+                )
+                assert response.status == 202, await response.text()
+            else:
+                got = await get(client, channel)
+                if got.status == 200:
+                    response = await client.delete(f"/messages/{got.headers['x-linger-msg-id']}")
+                    assert response.status == 204
+
+    await asyncio.gather(*(worker(seed) for seed in range(8)))
+    counted, actual = await _counted(client), await _actual(client)
+    assert counted == actual
+    assert set(actual) <= set(_HOSTILE_NAMES)
+    assert len(actual) > 5
+    if no_deadlocks is not None:
+        await no_deadlocks.check()

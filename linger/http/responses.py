@@ -15,6 +15,8 @@ _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
 def header_value(text: str) -> str:
+    if text.isascii() and text.isprintable():  # already all safe: most names
+        return text
     return quote(text, safe=_HEADER_SAFE)
 
 

@@ -16,12 +16,12 @@ the mark together. Adds that would pass it are removed again and their operation
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -222,7 +222,7 @@ class Tally:
         if s.postgres:
             params: dict[str, Any] = {"names": names, "polled": polled, "deltas": deltas}
         else:
-            params = {"rows": json.dumps(list(zip(names, polled, deltas, strict=True)))}
+            params = {"rows": orjson.dumps(list(zip(names, polled, deltas, strict=True))).decode()}
         rows = yield s.upsert, params
         return {row[0]: int(row[1]) for row in rows}
 
