@@ -609,3 +609,35 @@ async def test_a_publish_of_200000_copies_is_refused_at_once(client: Client) -> 
     assert "would write 200000 copies" in (await answers[0].json())["error"]
     assert (await stats(client, "wide0"))["ready"] == 0
     assert (await stats(client, "elsewhere"))["ready"] == 1
+
+
+@pytest.mark.parametrize("kind", ["json", "ndjson"])
+async def test_items_trickled_in_tiny_chunks_come_out_whole(client: Client, kind: str) -> None:
+    """Items split anywhere (inside strings, escapes, multi-byte characters, between
+    items) by a client sending a few bytes at a time: each comes out as sent. A long item
+    in small pieces is joined once per attempt at it, not once per piece."""
+    bodies = ["a", "é🙂" * 3, '\\n\\u0001 quoted "x"', "y" * 60_000, "z"]
+    items = [{"body": body} for body in bodies]
+    if kind == "json":
+        payload = json.dumps(items).encode()
+    else:
+        payload = b"\n".join(json.dumps(item).encode() for item in items) + b"\n"
+
+    async def trickle() -> Any:
+        start = 0
+        while start < len(payload):
+            size = 7 if start < 200 else 509  # tiny pieces, then the long body's
+            yield payload[start : start + size]
+            start += size
+            await asyncio.sleep(0)
+
+    async with Probe(client) as probe:
+        response = await client.post(
+            "/channels/trickled/messages",
+            data=trickle(),
+            headers=NDJSON if kind == "ndjson" else JSON,
+        )
+        assert response.status == 202, await response.text()
+    assert probe.worst < 0.5, probe.worst
+    got = await receive(client, "trickled", 10)
+    assert [m["body"] for m in got] == bodies

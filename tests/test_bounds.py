@@ -303,3 +303,42 @@ async def test_get_for_a_closed_connection_claims_nothing(client: Client) -> Non
     assert await broker.receive("c", 1, wait=0, alive=lambda: False) == []
     assert await broker.receive("c", 1, wait=1.0, alive=lambda: False) == []
     assert await stats(client, "c") == {"ready": 1, "hidden": 0}
+
+
+_HUGE = "9" * 5000  # Python refuses to convert more than 4,300 digits to an int
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", f"/channels/c?priority={_HUGE}", b"m", 400),
+        ("POST", f"/channels/c?timeout=-{_HUGE}", b"m", 400),
+        ("POST", f"/channels/c?delay=000{_HUGE}", b"m", 400),
+        ("GET", f"/channels/c?wait={_HUGE}", b"", 400),
+        ("GET", f"/channels/c/messages?n={_HUGE}", b"", 400),
+        ("GET", f"/channels/c/peek?n={_HUGE}", b"", 400),
+        ("PUT", f"/channels/c/topics/t?priority={_HUGE}", b"", 400),
+        ("DELETE", f"/messages/{_HUGE}", b"", 404),
+        ("POST", f"/messages/1/touch?timeout={_HUGE}", b"", 400),
+        ("POST", "/channels/c/messages", f'[{{"body": "m", "priority": {_HUGE}}}]', 400),
+        ("POST", "/channels/c/messages", f'[{{"body": "m", "delay": "{_HUGE}"}}]', 400),
+        ("POST", "/topics/t/messages", f'[{{"body": "m"}}, {_HUGE}]', 400),
+        ("POST", "/messages/delete", f'{{"ids": [{_HUGE}]}}', 400),
+    ],
+)
+async def test_integers_of_any_length_are_refused_as_out_of_range(
+    client: Client, method: str, path: str, body: str | bytes, status: int
+) -> None:
+    """An integer of thousands of digits anywhere (query, path, JSON item, JSON field,
+    quoted or not) is out of range: a 4xx naming it, never converted (a 500 before)."""
+    headers = {"Content-Type": "application/json" if "messages" in path else "text/plain"}
+    async with Probe(client) as probe:
+        response = await client.request(method, path, data=body or None, headers=headers)
+        await error(response, status)
+    assert probe.worst < 0.5, probe.worst
+    assert (await stats(client, "c")) == {"ready": 0, "hidden": 0}
+
+
+async def test_options_in_a_form_of_thousands_of_digits_are_refused(client: Client) -> None:
+    response = await client.post("/channels/c", data={"msg": "m", "priority": _HUGE})
+    await error(response, 400, "Invalid message priority.")

@@ -4,7 +4,6 @@ none of it."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -71,7 +70,7 @@ async def _acknowledgement(request: web.Request) -> dict[str, Any]:
     if raw is None:
         raise errors.MessageTooLarge(f"Request body is larger than {limit} bytes.")
     try:
-        value = json.loads(raw)
+        value = items.parse_json(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise errors.InvalidParameter("Invalid JSON.") from None
     if not isinstance(value, dict):

@@ -49,7 +49,23 @@ _PLAIN = frozenset(("body", "encoding", "content_type"))
 _WHITESPACE = " \t\n\r"
 # Room in one item's JSON for the fields beside its body.
 _ITEM_OVERHEAD = 64 * 1024
-_DECODER = json.JSONDecoder()
+
+
+def _json_integer(digits: str) -> int:
+    """A JSON integer; past 20 digits, one that every range check refuses (never
+    converted: Python refuses more than 4,300 digits, and is quadratic up to that)."""
+    if len(digits) > 20:
+        return -(2**64) if digits.startswith("-") else 2**64
+    return int(digits)
+
+
+_DECODER = json.JSONDecoder(parse_int=_json_integer)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """A JSON document (``ValueError`` or ``RecursionError`` when it is not one), its
+    integers bounded as ``_json_integer`` says."""
+    return _DECODER.decode(text if isinstance(text, str) else text.decode("utf-8"))
 
 
 class _Reader:
@@ -122,28 +138,39 @@ async def _json_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int
     """(index, value) of each element of a JSON array, counted from 0."""
     decode = codecs.getincrementaldecoder("utf-8")()
     text, pos, eof = "", 0, False
+    # Text read but not yet joined to ``text``: an item that arrives in many small chunks
+    # is joined once per attempt at it, not once per chunk (no quadratic copying).
+    parts: list[str] = []
+    waiting = 0
     index, state = 0, "start"  # start, first, item, after, end
-    tried = 0  # text length at the last incomplete attempt at an item
+    tried = 0  # text after pos at the last incomplete attempt at an item
 
-    async def more() -> bool:
-        nonlocal text, pos, eof, tried
+    async def more() -> None:
+        nonlocal eof, waiting
         data = await reader.chunk()
         try:
             chunk = decode.decode(data, final=not data)
         except UnicodeDecodeError:
             raise errors.InvalidParameter("Invalid UTF-8 in the batch.") from None
-        tried -= pos
-        text, pos = text[pos:] + chunk, 0
+        parts.append(chunk)
+        waiting += len(chunk)
         eof = not data
-        return not eof
+
+    def join() -> None:
+        nonlocal text, pos, waiting
+        text, pos, waiting = text[pos:] + "".join(parts), 0, 0
+        parts.clear()
 
     while True:
         while pos < len(text) and text[pos] in _WHITESPACE:
             pos += 1
         if pos == len(text):
-            if eof:
+            if parts:
+                join()
+            elif eof:
                 break
-            await more()
+            else:
+                await more()
             continue
         char = text[pos]
         if state == "start":
@@ -156,9 +183,10 @@ async def _json_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int
                 continue
             # An item is decoded once it is whole: after each chunk while it is not, with
             # at least as much text again as the last try (no quadratic re-parsing).
-            if not eof and len(text) < 2 * tried:
+            if not eof and len(text) - pos + waiting < 2 * tried:
                 await more()
                 continue
+            join()
             try:
                 value, end = _DECODER.raw_decode(text, pos)
             except RecursionError as error:
@@ -168,7 +196,7 @@ async def _json_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int
                     raise errors.InvalidParameter(f"Item {index}: Invalid JSON.") from error
                 if len(text) - pos > item_limit(max_size):
                     raise _too_large(f"Item {index}", max_size) from None
-                tried = len(text)
+                tried = len(text) - pos
                 await more()
                 continue
             tried = 0
@@ -193,19 +221,29 @@ async def _json_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int
 
 async def _ndjson_items(reader: _Reader, max_size: int) -> AsyncIterator[tuple[int, Any]]:
     """(line number, value) of each non-blank line, counted from 1."""
-    buffer = b""
+    # The line under way, in the chunks it came in: each chunk is searched for line ends
+    # once, and a long line joined once (no quadratic copying of a trickled line).
+    partial: list[bytes] = []
+    partial_size = 0
     number = 0
     while True:
         data = await reader.chunk()
-        buffer += data
-        lines = buffer.split(b"\n")
-        buffer = b"" if not data else lines.pop()
-        if len(buffer) > item_limit(max_size):
+        lines = data.split(b"\n") if data else [b""]
+        if data and len(lines) == 1:
+            partial.append(data)
+            partial_size += len(data)
+            if partial_size > item_limit(max_size):
+                raise _too_large(f"Line {number + 1}", max_size)
+            continue
+        lines[0] = b"".join([*partial, lines[0]])
+        rest = lines.pop() if data else b""
+        partial, partial_size = [rest], len(rest)
+        if partial_size > item_limit(max_size):
             raise _too_large(f"Line {number + len(lines) + 1}", max_size)
         for line in lines:
             number += 1
             if line.strip():
-                yield number, _decoded(json.loads, line, f"Line {number}")
+                yield number, _decoded(parse_json, line, f"Line {number}")
         if not data:
             return
 

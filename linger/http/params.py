@@ -15,6 +15,7 @@ from linger.store.records import Options
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_INT64_DIGITS = len(str(INT64_MAX))
 # Literal characters allowed in a request path; any other does not match a route.
 _PATH = re.compile(r"[A-Za-z0-9_\-%.~/]*")
 
@@ -25,7 +26,9 @@ def path_allowed(raw_path: str) -> bool:
 
 def integer(text: str) -> int | None:
     """An ASCII decimal integer within the signed 64-bit range, or None."""
-    if not _INTEGER.fullmatch(text):
+    if not _INTEGER.fullmatch(text) or len(text.lstrip("+-").lstrip("0")) > _INT64_DIGITS:
+        # Past 19 significant digits, it is out of range: never converted (Python refuses
+        # to convert more than 4,300 digits, and takes quadratic time up to that).
         return None
     value = int(text)
     return value if INT64_MIN <= value <= INT64_MAX else None
