@@ -14,6 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from linger.http.keys import BROKER
+from linger.store import driver as driver_module
+
 from .conftest import ClientFactory, Clock, NoDeadlocks
 from .helpers import Client, Probe, add, error, get, raw, raw_request, stats, status_of
 from .processes import until
@@ -641,3 +644,102 @@ async def test_items_trickled_in_tiny_chunks_come_out_whole(client: Client, kind
     assert probe.worst < 0.5, probe.worst
     got = await receive(client, "trickled", 10)
     assert [m["body"] for m in got] == bodies
+
+
+async def test_a_batch_publish_copies_every_message_to_the_same_channels(
+    make_client: ClientFactory, no_deadlocks: NoDeadlocks | None
+) -> None:
+    """Channels subscribing and unsubscribing while a batch of 200 is published: every
+    message of it goes to the same channels (on PostgreSQL each statement would see the
+    subscriptions committed since the one before), and never more copies than counted
+    against --max-copies."""
+    client = await make_client(max_copies=2_000)
+    for i in range(10):
+        await subscribe(client, f"pin{i}", "pinned")
+
+    async def changing() -> None:
+        await asyncio.sleep(0.005)
+        for i in range(10, 60):
+            await subscribe(client, f"pin{i}", "pinned")
+            if i % 10 == 0:
+                response = await client.delete(f"/channels/pin{i // 10}/topics/pinned")
+                assert response.status == 204
+
+    changes = asyncio.create_task(changing())
+    answers = []
+    while not changes.done():
+        response = await _publish_items(client, "pinned", 200)
+        assert response.status in (202, 413), await response.text()
+        if response.status == 202:
+            answers.append((await response.json())["messages"])
+    await changes
+    assert answers
+    for copies in answers:
+        assert len({tuple(sorted(one)) for one in copies}) == 1
+        assert len(copies) * len(copies[0]) <= 2_000
+    if no_deadlocks is not None:
+        await no_deadlocks.check()
+
+
+async def test_no_group_holds_more_rows_than_its_bound(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """16 publishes at once to a topic of 300 channels (a single publish is never
+    refused): group commit used to put them in one transaction of 4,800 copies, which
+    held every other write until it committed. A group now stops at GROUP_ROWS rows (here
+    1,000): each publish runs in a group of at most three; all copies are kept."""
+    client = await make_client()
+    monkeypatch.setattr(driver_module, "GROUP_ROWS", 1_000)
+    for i in range(300):
+        await subscribe(client, f"fan{i}", "wide16")
+    await client.post("/topics/wide16", data=b"first")  # learns the fan-out
+    sizes: list[tuple[int, int]] = []
+    store = client.app[BROKER].storage.driver
+    next_group = store._next_group
+
+    def recording() -> Any:
+        group, inline = next_group()
+        sizes.append((len(group), sum(p.rows or 0 for p in group)))
+        return group, inline
+
+    monkeypatch.setattr(store, "_next_group", recording)
+    answers = await asyncio.gather(
+        *(client.post("/topics/wide16", data=f"m{i}".encode()) for i in range(16))
+    )
+    assert [answer.status for answer in answers] == [202] * 16
+    assert sizes
+    assert all(rows <= 1_000 or count == 1 for count, rows in sizes), sizes
+    assert max(count for count, _rows in sizes) <= 3
+    assert (await stats(client, "fan7"))["ready"] == 17
+
+
+async def test_writes_go_between_heavy_groups(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishes that each exceed GROUP_ROWS (here 200 rows for 300 copies) run alone;
+    writes queued behind them go right after the heavy group under way, not after all of
+    them: each waits for one heavy group at most."""
+    client = await make_client()
+    monkeypatch.setattr(driver_module, "GROUP_ROWS", 200)
+    for i in range(300):
+        await subscribe(client, f"heavy{i}", "wide300")
+    await client.post("/topics/wide300", data=b"first")  # learns the fan-out
+    store = client.app[BROKER].storage.driver
+    next_group = store._next_group
+    groups: list[list[int | None]] = []
+
+    def recording() -> Any:
+        group, inline = next_group()
+        groups.append([p.rows for p in group])
+        return group, inline
+
+    monkeypatch.setattr(store, "_next_group", recording)
+    publishes = [client.post("/topics/wide300", data=f"m{i}".encode()) for i in range(8)]
+    answers = await asyncio.gather(*publishes, add(client, "light", "m"), add(client, "light"))
+    assert [answer.status for answer in answers[:8]] == [202] * 8
+    heavy = [i for i, rows in enumerate(groups) if rows == [300]]
+    light = [i for i, rows in enumerate(groups) if rows and max(r or 0 for r in rows) <= 1]
+    assert len(heavy) == 8, groups
+    assert light, groups
+    assert light[0] <= heavy[1], groups  # behind one heavy group at most
+    assert (await stats(client, "light"))["ready"] == 2

@@ -147,6 +147,10 @@ _STALE_RETRIES = POSTGRES_POOL_SIZE + POSTGRES_POOL_OVERFLOW + 1
 # about 2.5 ms a MiB: each bound is about a millisecond of the loop's time.
 LIGHT_ROWS = 200
 LIGHT_BYTES = 512 * 1024
+# Rows one group may write or read, wherever it runs: a transaction holds the writer (on
+# SQLite, every other write) and its rows' locks until it commits. An operation of more,
+# or that cannot say how many (a publish to a topic not known yet), runs alone.
+GROUP_ROWS = 10_000
 # Groups in flight at once on PostgreSQL.
 _POSTGRES_COMMITTERS = 4
 # Operations run outside the groups at once on PostgreSQL (``Driver.write``'s ``direct``);
@@ -208,6 +212,11 @@ def _light(pending: _Pending[Any], rows: int, body_bytes: int) -> bool:
         and rows + pending.rows <= LIGHT_ROWS
         and body_bytes + pending.body_bytes <= LIGHT_BYTES
     )
+
+
+def _fits(pending: _Pending[Any], rows: int) -> bool:
+    """Whether ``pending`` may share a group that holds ``rows`` rows (``GROUP_ROWS``)."""
+    return not pending.alone and pending.rows is not None and rows + pending.rows <= GROUP_ROWS
 
 
 class Declined(Exception):
@@ -481,6 +490,9 @@ class Driver(Generic[L]):
         self._engine = engine
         self.postgres = engine.dialect.name == "postgresql"
         self._pending: list[_Pending[L]] = []
+        # A group that did not fit GROUP_ROWS ran (alone): the operations that fit, queued
+        # behind others that do not, go next (``_next_group``).
+        self._after_heavy = False
         # Committers running, and their tasks (for close()). The count is given back in
         # the same step in which a committer finds nothing pending, so that a write
         # submitted right after is never left without one.
@@ -736,20 +748,28 @@ class Driver(Generic[L]):
 
     def _next_group(self) -> tuple[list[_Pending[L]], bool]:
         """The next operations to commit together, keyed ones in key order, and whether
-        they run on the event loop: on the in-memory database, a group that begins with a
-        light operation takes the operations after it while they stay light together."""
+        they run on the event loop: at most ``GROUP_ROWS`` rows together (an operation of
+        more runs alone, and lets those that fit go first the next time), and on the
+        in-memory database, a group that begins with a light operation takes the
+        operations after it while they stay light together."""
         pending = self._pending
+        if self._after_heavy:
+            # After each heavy group, every operation that fits goes before the heavy ones
+            # still queued (in their order): a write waits for one heavy group at most,
+            # and a heavy one for the groups of what came in while the last one ran.
+            self._after_heavy = False
+            pending.sort(key=lambda each: not _fits(each, 0))
         size = 1
         inline = self._inline and _light(pending[0], 0, 0)
-        if not pending[0].alone:
+        self._after_heavy = not _fits(pending[0], 0)
+        if not self._after_heavy:
             limit = min(_GROUP_LIMIT, len(pending))
             rows, body_bytes = pending[0].rows or 0, pending[0].body_bytes
-            while size < limit and not pending[size].alone:
-                if inline:
-                    if not _light(pending[size], rows, body_bytes):
-                        break
-                    rows += pending[size].rows or 0
-                    body_bytes += pending[size].body_bytes
+            while size < limit and _fits(pending[size], rows):
+                if inline and not _light(pending[size], rows, body_bytes):
+                    break
+                rows += pending[size].rows or 0
+                body_bytes += pending[size].body_bytes
                 size += 1
         group = pending[:size]
         del pending[:size]

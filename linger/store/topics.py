@@ -23,9 +23,10 @@ s = subscriptions
 SHARED_BODY_MIN = 1024
 
 
-def _publish_stmt() -> sa.Insert:
+def _publish_stmt(*, pinned: bool = False) -> sa.Insert:
     """Copy the message into every channel subscribed to :topic with the subscription's
-    options; the copies carry :body, or refer to shared body :body_id."""
+    options; the copies carry :body, or refer to shared body :body_id. ``pinned``: into
+    those of the channels :channels (an array) that are still subscribed."""
     now = param("now")
     rows = sa.select(
         s.c.channel,
@@ -43,6 +44,9 @@ def _publish_stmt() -> sa.Insert:
         sa.case((s.c.linger > 0, now + ms_sql(s.c.linger)), else_=sa.null()),
         sa.literal_column("0", sa.BigInteger),  # deliveries
     ).where(s.c.topic == param("topic", sa.String))
+    if pinned:
+        channels = param("channels", postgresql.ARRAY(sa.String))
+        rows = rows.where(s.c.channel == sa.func.any(channels))
     return sa.insert(m).from_select(list(INSERT_TYPES), rows)
 
 
@@ -108,19 +112,26 @@ class Topics:
             .returning(bodies.c.id)
         )
         self._publish = prepare(announced(_publish_stmt(), postgres=driver.postgres))
-        self._subscribers = prepare(
+        subscribers = (
             sa.select(s.c.channel)
             .where(s.c.topic == param("topic", sa.String))
             .order_by(s.c.channel)
         )
+        self._subscribers = prepare(subscribers)
+        # A batch publish's subscribers, read before its first copy. On PostgreSQL each
+        # statement sees the subscriptions committed before it began: the batch locks the
+        # rows it read until it commits, and copies only into those channels, so that
+        # every message of it goes to the same channels with the same options (and no
+        # more copies than counted). SQLite's one writer changes nothing meanwhile.
+        self._pin = self._subscribers
+        if driver.postgres:
+            self._pin = prepare(subscribers.with_for_update(read=True))
+            self._publish_pinned = prepare(announced(_publish_stmt(pinned=True), postgres=True))
         self._topics = prepare(sa.select(s.c.topic).distinct())
         self._channel_topics = prepare(
             sa.select(s.c.topic).where(s.c.channel == param("channel", sa.String))
         )
         self._totals = prepare(sa.select(sa.func.count(), sa.func.count(sa.distinct(s.c.topic))))
-        self._fanout_count = prepare(
-            sa.select(sa.func.count()).where(s.c.topic == param("topic", sa.String))
-        )
 
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
         return await self._driver.read(partial(single, stmt, params))
@@ -231,27 +242,33 @@ class Topics:
     def _publish_many_operation(
         self, each: list[dict[str, Any]], hlm: int, most: int, ledger: Tally
     ) -> Operation[list[Published]]:
-        if most:
+        stmt = self._publish
+        if len(each) > 1:
             # Counted in the transaction that copies, before anything is written.
-            fanout = int((yield self._fanout_count, {"topic": each[0]["topic"]})[0][0])
-            if fanout * len(each) > most:
+            channels = [row[0] for row in (yield self._pin, {"topic": each[0]["topic"]})]
+            if most and len(channels) * len(each) > most:
                 raise errors.MessageTooLarge(
-                    f"Batch would write {fanout * len(each)} copies ({len(each)} messages "
-                    f"to {fanout} channels); at most {most}."
+                    f"Batch would write {len(channels) * len(each)} copies ({len(each)} "
+                    f"messages to {len(channels)} channels); at most {most}."
                 )
+            if not channels:
+                return [Published() for _params in each]
+            if self._driver.postgres:
+                stmt = self._publish_pinned
+                each = [{**params, "channels": channels} for params in each]
         published = []
         for params in each:
-            published.append((yield from self._publish_operation(params, hlm, ledger)))
+            published.append((yield from self._publish_operation(stmt, params, hlm, ledger)))
         return published
 
     def _publish_operation(
-        self, params: dict[str, Any], hlm: int, ledger: Tally
+        self, stmt: Prepared, params: dict[str, Any], hlm: int, ledger: Tally
     ) -> Operation[Published]:
         body_id = None
         if len(params["body"]) > SHARED_BODY_MIN:
             body_id = int((yield self._store_body, params)[0][0])
             params = {**params, "body": b"", "body_id": body_id}
-        rows = yield self._publish, params
+        rows = yield stmt, params
         published = Published({row[0]: int(row[1]) for row in rows})
         for channel, message_id in published.ids.items():
             refuse = partial(published.skip, channel)
