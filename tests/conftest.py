@@ -80,7 +80,7 @@ async def _admin(url: str, *statements: str) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test marked for one backend does not run on the other one's parameter; the
-    in-memory database runs the modules of the message paths."""
+    in-memory database runs the modules of the message paths, and tests marked for it."""
     keep: list[pytest.Item] = []
     drop: list[pytest.Item] = []
     for item in items:
@@ -88,7 +88,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         backend = callspec.params.get("database_url") if callspec else None
         other = {"sqlite": "postgres", "postgres": "sqlite", "memory": "postgres"}.get(str(backend))
         elsewhere = backend == "memory" and (
-            item.path.stem not in MEMORY_MODULES or item.get_closest_marker("durable") is not None
+            (item.path.stem not in MEMORY_MODULES and item.get_closest_marker("memory") is None)
+            or item.get_closest_marker("durable") is not None
         )
         (drop if elsewhere or (other and item.get_closest_marker(other)) else keep).append(item)
     if drop:

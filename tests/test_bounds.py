@@ -9,15 +9,18 @@ import io
 import zlib
 
 import pytest
+import sqlalchemy as sa
 
 from linger.http.bodies import MAX_FORM_FIELDS, MAX_PREAMBLE
 from linger.http.keys import BROKER
+from linger.store.db import subscriptions
 
 from .conftest import ClientFactory
 from .helpers import (
     Client,
     Probe,
     add,
+    connection,
     error,
     get,
     json_body_of,
@@ -326,6 +329,7 @@ _HUGE = "9" * 5000  # Python refuses to convert more than 4,300 digits to an int
         ("POST", "/messages/delete", f'{{"ids": [{_HUGE}]}}', 400),
     ],
 )
+@pytest.mark.memory
 async def test_integers_of_any_length_are_refused_as_out_of_range(
     client: Client, method: str, path: str, body: str | bytes, status: int
 ) -> None:
@@ -342,3 +346,39 @@ async def test_integers_of_any_length_are_refused_as_out_of_range(
 async def test_options_in_a_form_of_thousands_of_digits_are_refused(client: Client) -> None:
     response = await client.post("/channels/c", data={"msg": "m", "priority": _HUGE})
     await error(response, 400, "Invalid message priority.")
+
+
+@pytest.mark.memory
+async def test_many_listings_at_once_leave_writes_a_connection(client: Client) -> None:
+    """40 clients asking at once for listings and scrapes that read 20,000 channels: they
+    hold one connection at a time (the in-memory database has only one), so a producer's
+    add, receive and delete are answered while they are still under way."""
+    rows = [
+        {"topic": "t", "channel": f"listed{i:05}", "priority": 0, "timeout": 30, "deliver": 0}
+        | {"linger": 0, "delay": 0, "dead": None}
+        for i in range(20_000)
+    ]
+    async with connection(client) as conn:
+        await conn.execute(sa.insert(subscriptions), rows)
+    done: list[str] = []
+
+    async def read(path: str) -> None:
+        response = await client.get(path)
+        assert response.status == 200, await response.text()
+        await response.read()
+        done.append(path)
+
+    async def write() -> None:
+        await asyncio.sleep(0.02)
+        await add(client, "producer", "m")
+        got = await get(client, "producer")
+        assert got.status == 200
+        response = await client.delete(f"/messages/{got.headers['x-linger-msg-id']}")
+        assert response.status == 204
+        done.append("write")
+
+    paths = ["/channels", "/metrics", "/stats", "/topics/t/channels"] * 10
+    async with Probe(client, "/health") as probe:
+        await asyncio.gather(*(read(path) for path in paths), write())
+    assert probe.worst < 0.5, probe.worst
+    assert done.index("write") < len(paths) // 2, done.index("write")

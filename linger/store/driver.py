@@ -493,6 +493,7 @@ class Driver(Generic[L]):
         # A group that did not fit GROUP_ROWS ran (alone): the operations that fit, queued
         # behind others that do not, go next (``_next_group``).
         self._after_heavy = False
+        self._heavy = asyncio.Semaphore(1)
         # Committers running, and their tasks (for close()). The count is given back in
         # the same step in which a committer finds nothing pending, so that a write
         # submitted right after is never left without one.
@@ -616,8 +617,15 @@ class Driver(Generic[L]):
     def _in_transaction(self, raw: Any) -> bool:
         return bool(raw.is_in_transaction() if self.postgres else raw.in_transaction)
 
-    async def read(self, factory: ReadFactory[T]) -> T:
-        """Run a read-only operation on a pooled connection, outside any group."""
+    async def read(self, factory: ReadFactory[T], *, heavy: bool = False) -> T:
+        """Run a read-only operation on a pooled connection, outside any group. A
+        ``heavy`` one (its rows grow with the database: listings, scrapes, peeks of many)
+        waits for the one under way, if any: heavy reads hold one connection at a time in
+        this process, so that however many clients ask for them at once, the writes and
+        the other reads always find one soon (the in-memory database has one)."""
+        if heavy:
+            async with self._heavy:
+                return await self.read(factory)
 
         async def attempt() -> Outcome:
             async with self._connect() as raw:

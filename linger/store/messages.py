@@ -367,7 +367,8 @@ class Messages:
         """Up to ``n`` messages of ``channel`` in ``state``, in delivery order, without
         leasing or counting anything."""
         params = {"channel": channel, "now": self.now(), "n": n}
-        return await self._driver.read(partial(self._peek_operation, self._peek[state], params))
+        peek = partial(self._peek_operation, self._peek[state], params)
+        return await self._driver.read(peek, heavy=True)
 
     def _peek_operation(self, stmt: Prepared, params: dict[str, Any]) -> Operation[list[Message]]:
         return [_message(row) for row in (yield stmt, params)]

@@ -60,11 +60,15 @@ class Overview:
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
         return await self._driver.read(partial(single, stmt, params))
 
+    async def _scan(self, stmt: Prepared, **params: Any) -> list[Row]:
+        """A read whose rows grow with the database (``Driver.read``'s ``heavy``)."""
+        return await self._driver.read(partial(single, stmt, params), heavy=True)
+
     async def totals(self) -> Totals:
         """Live messages, ready, hidden, urgent and niced, in one statement that reads
         no queued row (see ``_totals_stmt``)."""
         kept, dead, hidden, urgent, niced = (
-            int(value) for value in (await self._read(self._totals, now=self.now()))[0]
+            int(value) for value in (await self._scan(self._totals, now=self.now()))[0]
         )
         live = kept - dead
         return Totals(live, live - hidden, hidden, urgent, niced)
@@ -73,7 +77,7 @@ class Overview:
         """The ``limit`` deepest channels (by their kept count), each one's live messages
         by state and when its oldest ready one was added (a queued message past its
         retention that the next sweep deletes may stand for it until then)."""
-        rows = await self._read(self._depths, now=self.now(), limit=limit)
+        rows = await self._scan(self._depths, now=self.now(), limit=limit)
         depths = []
         for name, kept, dead, hidden, waiting, oldest_due, oldest_queued in rows:
             times = [int(t) for t in (oldest_due, oldest_queued) if t is not None]
@@ -92,11 +96,11 @@ class Overview:
 
     async def list_channels(self) -> list[str]:
         """Channels with messages or subscriptions, or long-polled in the last 180 s."""
-        rows = await self._read(self._channels, cutoff=self.now() - POLLED_TTL_MS)
+        rows = await self._scan(self._channels, cutoff=self.now() - POLLED_TTL_MS)
         return sorted(row[0] for row in rows)
 
     async def channel_count(self) -> int:
-        rows = await self._read(self._channel_count, cutoff=self.now() - POLLED_TTL_MS)
+        rows = await self._scan(self._channel_count, cutoff=self.now() - POLLED_TTL_MS)
         return int(rows[0][0])
 
 

@@ -134,7 +134,8 @@ class Topics:
         self._totals = prepare(sa.select(sa.func.count(), sa.func.count(sa.distinct(s.c.topic))))
 
     async def _read(self, stmt: Prepared, **params: Any) -> list[Row]:
-        return await self._driver.read(partial(single, stmt, params))
+        """A read whose rows grow with the subscriptions (``Driver.read``'s ``heavy``)."""
+        return await self._driver.read(partial(single, stmt, params), heavy=True)
 
     async def _write(self, stmt: Prepared, **params: Any) -> list[Row]:
         """A write of one subscription's row."""
