@@ -734,9 +734,14 @@ async def test_writes_go_between_heavy_groups(
         return group, inline
 
     monkeypatch.setattr(store, "_next_group", recording)
-    publishes = [client.post("/topics/wide300", data=f"m{i}".encode()) for i in range(8)]
-    answers = await asyncio.gather(*publishes, add(client, "light", "m"), add(client, "light"))
-    assert [answer.status for answer in answers[:8]] == [202] * 8
+
+    async def publishing(i: int) -> int:
+        return (await client.post("/topics/wide300", data=f"m{i}".encode())).status
+
+    results = await asyncio.gather(
+        *(publishing(i) for i in range(8)), add(client, "light", "m"), add(client, "light")
+    )
+    assert results[:8] == [202] * 8
     heavy = [i for i, rows in enumerate(groups) if rows == [300]]
     light = [i for i, rows in enumerate(groups) if rows and max(r or 0 for r in rows) <= 1]
     assert len(heavy) == 8, groups
