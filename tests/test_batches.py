@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from linger.http.budget import Budget, Share
 from linger.http.keys import BROKER
 from linger.store import driver as driver_module
 
@@ -484,22 +485,48 @@ async def test_any_batch_comes_back_as_sent_in_delivery_order(
         assert actual == original
 
 
-async def test_stalled_batches_hold_the_budget_only_until_their_deadline(
-    make_client: ClientFactory,
-) -> None:
-    """Clients that declare large batch bodies and send nothing take the whole budget;
-    another batch waits for room and is stored once their body deadline has passed."""
-    client = await make_client(max_batch_bytes=1000, body_timeout=0.5)
-    head = (
+async def test_stalled_batches_hold_no_budget(make_client: ClientFactory) -> None:
+    """Clients that declare large batch bodies (chunked or not) and send nothing hold
+    nothing of the budget, which counts what arrives: another batch is stored while they
+    are still waiting (their body deadline then ends them with a 408)."""
+    client = await make_client(max_batch_bytes=1000, body_timeout=1.5)
+    heads = [
         b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-    )
-    stalled = [asyncio.create_task(raw_request(client, head)) for _ in range(4)]
+        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[",
+        b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n",
+    ]
+    stalled = [asyncio.create_task(raw_request(client, heads[i % 2])) for i in range(8)]
     await asyncio.sleep(0.1)
     ids = await add_many(client, "stall", [{"body": "m"}] * 3)
     assert len(ids) == 3
+    assert not any(task.done() for task in stalled)
     for answer in await asyncio.gather(*stalled):
         assert status_of(answer) == 408
+
+
+async def test_batches_waiting_for_room_all_finish(make_client: ClientFactory) -> None:
+    """Twelve batches trickled in at once, each nearly the whole budget of four: each
+    takes bytes as they come, those that find it spent wait, and the oldest one being
+    read never does, so none is left waiting for room that another waiting one holds:
+    all are stored."""
+    client = await make_client(max_batch_bytes=16 * 1024, max_size=4 * 1024)
+    payload = json.dumps([{"body": "q" * 3500}] * 4).encode()
+
+    async def trickled() -> list[int]:
+        async def pieces() -> Any:
+            for start in range(0, len(payload), 1024):
+                yield payload[start : start + 1024]
+                await asyncio.sleep(0.001)
+
+        response = await client.post("/channels/room/messages", data=pieces(), headers=JSON)
+        assert response.status == 202, await response.text()
+        ids: list[int] = (await response.json())["ids"]
+        return ids
+
+    results = await asyncio.gather(*(trickled() for _ in range(12)))
+    assert sum(len(ids) for ids in results) == 48
+    assert (await stats(client, "room"))["ready"] == 48
 
 
 async def test_a_publish_to_many_subscribers_keeps_others_responsive(client: Client) -> None:
@@ -748,3 +775,35 @@ async def test_writes_go_between_heavy_groups(
     assert light, groups
     assert light[0] <= heavy[1], groups  # behind one heavy group at most
     assert (await stats(client, "light"))["ready"] == 2
+
+
+async def test_the_budget_is_never_overdrawn_by_more_than_the_oldest_batch() -> None:
+    """Twelve bodies of random sizes taken in random pieces from a budget of 100 bytes at
+    once: the free bytes and those held always add up to the budget, the budget is
+    overdrawn only by the oldest body under way, and every body finishes."""
+    budget = Budget(100)
+    rng = random.Random(11)
+    shares: list[Share] = []
+
+    def check() -> None:
+        held = sum(share.held for share in shares)
+        assert budget._free + held == 100
+        if held > 100:
+            assert held - shares[0].held <= 100
+
+    async def body(size: int) -> None:
+        share = budget.open()
+        shares.append(share)
+        taken = 0
+        while taken < size:
+            piece = min(size - taken, rng.randint(1, 40))
+            await share.take(piece)
+            taken += piece
+            check()
+            await asyncio.sleep(rng.random() / 1000)
+        shares.remove(share)
+        share.close()
+        check()
+
+    await asyncio.wait_for(asyncio.gather(*(body(rng.randint(1, 100)) for _ in range(12))), 10)
+    assert budget._free == 100

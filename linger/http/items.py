@@ -4,8 +4,9 @@ The body is read in chunks and each item is decoded as soon as it is whole, so a
 costs about its messages' bytes and never a copy of the whole body beside them; a body
 past ``--max-batch-bytes`` is refused (413) as soon as it gets there. The batch bodies
 being read at once share one byte budget (``budget.BUDGET_BATCHES`` batches of the
-largest size): a request takes its share before it reads, and waits for room (its
-client waits too, the body left unread in the socket) while other batches hold it all.
+largest size): a request takes bytes from it as they arrive, and waits for room (its
+client waits too, the rest of the body left unread in the socket) while other batches
+hold it all; the oldest batch being read never waits, so the batches under way finish.
 Parsing yields to the event loop between chunks, so other clients are served meanwhile.
 """
 
@@ -25,7 +26,7 @@ from aiohttp import hdrs, web
 from linger import errors
 from linger.config import Settings
 from linger.http import bodies, params
-from linger.http.budget import Budget
+from linger.http.budget import Budget, Share
 from linger.store.records import NewMessage, Options
 
 NDJSON = ("application/x-ndjson", "application/jsonl", "application/x-jsonlines")
@@ -69,11 +70,13 @@ def parse_json(text: str | bytes) -> Any:
 
 
 class _Reader:
-    """Reads the body in chunks of at most 64 KiB, each counted against the limit."""
+    """Reads the body in chunks of at most 64 KiB, each counted against the limit and
+    taken from the batches' shared budget."""
 
-    def __init__(self, request: web.Request, limit: int) -> None:
+    def __init__(self, request: web.Request, limit: int, share: Share) -> None:
         self._request = request
         self._limit = limit
+        self._share = share
         self.read = 0
 
     async def chunk(self) -> bytes:
@@ -82,6 +85,7 @@ class _Reader:
         self.read += len(data)
         if self.read > self._limit:
             raise errors.MessageTooLarge(f"Request body is larger than {self._limit} bytes.")
+        await self._share.take(len(data))
         # Reading a buffered body does not yield: let other clients in between chunks.
         await asyncio.sleep(0)
         return data
@@ -91,25 +95,22 @@ class _Reader:
 async def reading(
     request: web.Request, settings: Settings, budget: Budget
 ) -> AsyncIterator[_Reader]:
-    """A reader of the batch body, its bytes counted in ``budget`` until the block ends.
-
-    A request takes its whole share (its Content-Length, else --max-batch-bytes) before
-    it reads a byte, in order of arrival: no two requests can each hold part of the
-    budget while waiting for the rest. One that finds no room within --body-timeout is
-    told to come back (503 with Retry-After)."""
+    """A reader of the batch body, its bytes counted in ``budget`` until the block ends
+    (``Budget``: as they arrive; a body waits for room when others hold it all). One that
+    is still waiting for room at its body deadline is told to come back (503 with
+    Retry-After) rather than that its body came too late."""
     limit = settings.max_batch_bytes
     if (request.content_length or 0) > limit:
         raise errors.MessageTooLarge(f"Request body is larger than {limit} bytes.")
-    share = limit if request.content_length is None else request.content_length
+    share = budget.open()
     try:
-        async with asyncio.timeout(settings.body_timeout):
-            await budget.take(share)
-    except TimeoutError:
-        raise errors.Overloaded("Too many large batches at once, try again later.") from None
-    try:
-        yield _Reader(request, limit)
+        yield _Reader(request, limit, share)
+    except errors.RequestTimeout:
+        if share.waiting:
+            raise errors.Overloaded("Too many large batches at once, try again later.") from None
+        raise
     finally:
-        budget.give(share)
+        share.close()
 
 
 def _label(ndjson: bool, index: int) -> str:
