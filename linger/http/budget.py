@@ -66,6 +66,7 @@ class Budget:
         except BaseException:
             if entry in self._waiting:
                 self._waiting.remove(entry)
+                self._grant()  # those it kept waiting behind it may fit
             raise
         share.waiting = False
 

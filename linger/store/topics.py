@@ -125,7 +125,12 @@ class Topics:
         # more copies than counted). SQLite's one writer changes nothing meanwhile.
         self._pin = self._subscribers
         if driver.postgres:
-            self._pin = prepare(subscribers.with_for_update(read=True))
+            # Locked in code point order ("C": UTF-8's byte order), the order in which a
+            # group runs its keyed subscription writes, whatever the database's collation.
+            by_code_point = sa.select(s.c.channel).where(s.c.topic == param("topic", sa.String))
+            self._pin = prepare(
+                by_code_point.order_by(s.c.channel.collate("C")).with_for_update(read=True)
+            )
             self._publish_pinned = prepare(announced(_publish_stmt(pinned=True), postgres=True))
         self._topics = prepare(sa.select(s.c.topic).distinct())
         self._channel_topics = prepare(
