@@ -486,13 +486,13 @@ async def test_any_batch_comes_back_as_sent_in_delivery_order(
 
 
 async def test_stalled_batches_hold_no_budget(make_client: ClientFactory) -> None:
-    """Clients that declare large batch bodies (chunked or not) and send nothing hold
-    nothing of the budget, which counts what arrives: another batch is stored while they
-    are still waiting (their body deadline then ends them with a 408)."""
-    client = await make_client(max_batch_bytes=1000, body_timeout=1.5)
+    """Clients that declare large batch bodies (chunked or not) and send nothing hold one
+    chunk's room of the budget (64 KiB), not what they declare: another batch is stored
+    while they are still waiting (their body deadline then ends them with a 408)."""
+    client = await make_client(max_batch_bytes=256 * 1024, body_timeout=1.5)
     heads = [
         b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n[",
+        b"Content-Type: application/json\r\nContent-Length: 262144\r\n\r\n[",
         b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n",
     ]

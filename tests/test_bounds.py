@@ -382,3 +382,21 @@ async def test_many_listings_at_once_leave_writes_a_connection(client: Client) -
         await asyncio.gather(*(read(path) for path in paths), write())
     assert probe.worst < 0.5, probe.worst
     assert done.index("write") < len(paths) // 2, done.index("write")
+
+
+@pytest.mark.memory
+async def test_integers_of_thousands_of_leading_zeros_are_their_value(client: Client) -> None:
+    """Leading zeros do not count as digits: 0…03 is 3, and 0…0 followed by 20 digits
+    is out of range (the whole text was converted before, a 500 past 4,300 digits)."""
+    zeros = "0" * 4400  # one such value fits a request line (8 KiB)
+    await add(client, "zeros", "m", priority=f"{zeros}3")
+    await add(client, "zeros", "m", timeout=f"+{zeros}45")
+    got = [await get(client, "zeros") for _ in range(2)]
+    shown = [(m.headers["x-linger-priority"], m.headers["x-linger-timeout"]) for m in got]
+    assert shown == [("0", "45"), ("3", "30")]  # priority 0 first
+    response = await client.post(
+        f"/channels/zeros?priority=-{zeros}99999999999999999999", data=b"m"
+    )
+    await error(response, 400, "Invalid message priority.")
+    response = await client.get(f"/channels/zeros/messages?n={zeros}2&nowait")
+    assert response.status == 200

@@ -69,6 +69,9 @@ def parse_json(text: str | bytes) -> Any:
     return _DECODER.decode(text if isinstance(text, str) else text.decode("utf-8"))
 
 
+_CHUNK = 65536
+
+
 class _Reader:
     """Reads the body in chunks of at most 64 KiB, each counted against the limit and
     taken from the batches' shared budget."""
@@ -80,12 +83,15 @@ class _Reader:
         self.read = 0
 
     async def chunk(self) -> bytes:
-        """The next chunk, b"" at the end of the body."""
-        data = await self._request.content.read(65536)
+        """The next chunk, b"" at the end of the body: its room in the budget is taken
+        before it is read, and what it did not fill given back."""
+        room = min(_CHUNK, self._limit + 1 - self.read)  # past the limit by a byte: 413
+        await self._share.take(room)
+        data = await self._request.content.read(room)
+        self._share.give_back(room - len(data))
         self.read += len(data)
         if self.read > self._limit:
             raise errors.MessageTooLarge(f"Request body is larger than {self._limit} bytes.")
-        await self._share.take(len(data))
         # Reading a buffered body does not yield: let other clients in between chunks.
         await asyncio.sleep(0)
         return data

@@ -26,11 +26,15 @@ def path_allowed(raw_path: str) -> bool:
 
 def integer(text: str) -> int | None:
     """An ASCII decimal integer within the signed 64-bit range, or None."""
-    if not _INTEGER.fullmatch(text) or len(text.lstrip("+-").lstrip("0")) > _INT64_DIGITS:
-        # Past 19 significant digits, it is out of range: never converted (Python refuses
-        # to convert more than 4,300 digits, and takes quadratic time up to that).
+    if not _INTEGER.fullmatch(text):
         return None
-    value = int(text)
+    sign, digits = ("-", text[1:]) if text[0] == "-" else ("", text.lstrip("+"))
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > _INT64_DIGITS:
+        # Past 19 significant digits, it is out of range: never converted (Python refuses
+        # to convert more than 4,300 digits, leading zeros included, and is quadratic).
+        return None
+    value = int(sign + digits)
     return value if INT64_MIN <= value <= INT64_MAX else None
 
 

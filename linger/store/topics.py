@@ -23,31 +23,49 @@ s = subscriptions
 SHARED_BODY_MIN = 1024
 
 
-def _publish_stmt(*, pinned: bool = False) -> sa.Insert:
+# A subscription's columns that a copy takes, after its channel.
+_SUBSCRIBED = ("channel", "priority", "timeout", "deliver", "linger", "delay", "dead")
+
+
+def _publish_stmt(*, snapshot: bool = False) -> sa.Insert:
     """Copy the message into every channel subscribed to :topic with the subscription's
-    options; the copies carry :body, or refer to shared body :body_id. ``pinned``: into
-    those of the channels :channels (an array) that are still subscribed."""
+    options; the copies carry :body, or refer to shared body :body_id. ``snapshot``
+    (PostgreSQL): into the subscriptions given as arrays (:channels, :priorities, ...;
+    ``_snapshot_arrays``), as a batch read them before its first copy."""
     now = param("now")
+    if snapshot:
+        types = [sa.String] + [sa.BigInteger] * 5 + [sa.String]
+        arrays = [param(name, postgresql.ARRAY(t)) for name, t in zip(_ARRAYS, types, strict=True)]
+        source: Any = sa.func.unnest(*arrays).table_valued(*_SUBSCRIBED).render_derived("subs")
+        where: list[Any] = []
+    else:
+        source, where = s, [s.c.topic == param("topic", sa.String)]
+    c = source.c
     rows = sa.select(
-        s.c.channel,
-        s.c.priority,
-        s.c.timeout,
-        s.c.deliver,
-        s.c.linger,
+        c.channel,
+        c.priority,
+        c.timeout,
+        c.deliver,
+        c.linger,
         param("topic", sa.String),
         param("content_type", sa.Text),
         param("body", sa.LargeBinary),
         param("body_id"),
-        s.c.dead,
+        c.dead,
         now,
-        sa.case((s.c.delay > 0, now + ms_sql(s.c.delay)), else_=READY),
-        sa.case((s.c.linger > 0, now + ms_sql(s.c.linger)), else_=sa.null()),
+        sa.case((c.delay > 0, now + ms_sql(c.delay)), else_=READY),
+        sa.case((c.linger > 0, now + ms_sql(c.linger)), else_=sa.null()),
         sa.literal_column("0", sa.BigInteger),  # deliveries
-    ).where(s.c.topic == param("topic", sa.String))
-    if pinned:
-        channels = param("channels", postgresql.ARRAY(sa.String))
-        rows = rows.where(s.c.channel == sa.func.any(channels))
+    ).where(*where)
     return sa.insert(m).from_select(list(INSERT_TYPES), rows)
+
+
+# The snapshot's arrays, one per column of _SUBSCRIBED.
+_ARRAYS = ("channels", "priorities", "timeouts", "delivers", "lingers", "delays", "deads")
+
+
+def _snapshot_arrays(subscribed: list[Row]) -> dict[str, list[Any]]:
+    return {name: [row[i] for row in subscribed] for i, name in enumerate(_ARRAYS)}
 
 
 @dataclass(slots=True)
@@ -118,20 +136,19 @@ class Topics:
             .order_by(s.c.channel)
         )
         self._subscribers = prepare(subscribers)
-        # A batch publish's subscribers, read before its first copy. On PostgreSQL each
-        # statement sees the subscriptions committed before it began: the batch locks the
-        # rows it read until it commits, and copies only into those channels, so that
-        # every message of it goes to the same channels with the same options (and no
-        # more copies than counted). SQLite's one writer changes nothing meanwhile.
-        self._pin = self._subscribers
+        # A batch publish's subscriptions, read before its first copy. On PostgreSQL each
+        # statement sees the subscriptions committed before it began: the batch copies
+        # from what it read (channels and options), so that every message of it goes to
+        # the same channels with the same options, and no more copies than it counted,
+        # without a lock that subscription changes would wait for. SQLite's one writer
+        # changes nothing meanwhile.
+        self._pin = prepare(
+            sa.select(*(s.c[name] for name in _SUBSCRIBED))
+            .where(s.c.topic == param("topic", sa.String))
+            .order_by(s.c.channel)
+        )
         if driver.postgres:
-            # Locked in code point order ("C": UTF-8's byte order), the order in which a
-            # group runs its keyed subscription writes, whatever the database's collation.
-            by_code_point = sa.select(s.c.channel).where(s.c.topic == param("topic", sa.String))
-            self._pin = prepare(
-                by_code_point.order_by(s.c.channel.collate("C")).with_for_update(read=True)
-            )
-            self._publish_pinned = prepare(announced(_publish_stmt(pinned=True), postgres=True))
+            self._publish_snapshot = prepare(announced(_publish_stmt(snapshot=True), postgres=True))
         self._topics = prepare(sa.select(s.c.topic).distinct())
         self._channel_topics = prepare(
             sa.select(s.c.topic).where(s.c.channel == param("channel", sa.String))
@@ -251,17 +268,19 @@ class Topics:
         stmt = self._publish
         if len(each) > 1:
             # Counted in the transaction that copies, before anything is written.
-            channels = [row[0] for row in (yield self._pin, {"topic": each[0]["topic"]})]
-            if most and len(channels) * len(each) > most:
+            subscribed = list((yield self._pin, {"topic": each[0]["topic"]}))
+            copies = len(subscribed) * len(each)
+            if most and copies > most:
                 raise errors.MessageTooLarge(
-                    f"Batch would write {len(channels) * len(each)} copies ({len(each)} "
-                    f"messages to {len(channels)} channels); at most {most}."
+                    f"Batch would write {copies} copies ({len(each)} messages to "
+                    f"{len(subscribed)} channels); at most {most}."
                 )
-            if not channels:
+            if not subscribed:
                 return [Published() for _params in each]
             if self._driver.postgres:
-                stmt = self._publish_pinned
-                each = [{**params, "channels": channels} for params in each]
+                stmt = self._publish_snapshot
+                arrays = _snapshot_arrays(subscribed)
+                each = [{**params, **arrays} for params in each]
         published = []
         for params in each:
             published.append((yield from self._publish_operation(stmt, params, hlm, ledger)))
