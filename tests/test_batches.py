@@ -486,20 +486,21 @@ async def test_any_batch_comes_back_as_sent_in_delivery_order(
 
 
 async def test_stalled_batches_hold_no_budget(make_client: ClientFactory) -> None:
-    """Clients that declare large batch bodies (chunked or not) and send nothing hold one
-    chunk's room of the budget (64 KiB), not what they declare: another batch is stored
-    while they are still waiting (their body deadline then ends them with a 408)."""
-    client = await make_client(max_batch_bytes=256 * 1024, body_timeout=1.5)
+    """Clients that declare large batch bodies (chunked or not) and send nothing hold
+    nothing of the budget, which counts what arrives, and not even room for a chunk:
+    another batch of the whole --max-batch-bytes is stored while sixteen of them are
+    still waiting (their body deadline then ends them with a 408)."""
+    client = await make_client(max_batch_bytes=64 * 1024, body_timeout=1.5)
     heads = [
         b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/json\r\nContent-Length: 262144\r\n\r\n[",
+        b"Content-Type: application/json\r\nContent-Length: 65536\r\n\r\n[",
         b"POST /channels/stall/messages HTTP/1.1\r\nHost: x\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n[\r\n",
     ]
-    stalled = [asyncio.create_task(raw_request(client, heads[i % 2])) for i in range(8)]
+    stalled = [asyncio.create_task(raw_request(client, heads[i % 2])) for i in range(16)]
     await asyncio.sleep(0.1)
-    ids = await add_many(client, "stall", [{"body": "m"}] * 3)
-    assert len(ids) == 3
+    ids = await add_many(client, "stall", [{"body": "m" * 6000}] * 10)  # 60 KB
+    assert len(ids) == 10
     assert not any(task.done() for task in stalled)
     for answer in await asyncio.gather(*stalled):
         assert status_of(answer) == 408

@@ -22,10 +22,6 @@ class Share:
         """Count ``size`` more bytes read; wait while the budget is spent."""
         await self._budget._take(self, size)
 
-    def give_back(self, size: int) -> None:
-        """``size`` bytes taken and not used go back."""
-        self._budget._give_back(self, size)
-
     def close(self) -> None:
         """The batch is done: everything it held goes back."""
         self._budget._close(self)
@@ -34,11 +30,12 @@ class Share:
 class Budget:
     """Bytes that the batch bodies being read may hold together.
 
-    A body takes room for each chunk before it reads it, and keeps what the chunk
-    brought, not what the body declares: a client that announces a large body and sends
-    nothing holds one chunk's room (four such clients held every batch of a process up
-    for their whole body timeout when a body took its declared length first), and one
-    waiting for room has read nothing that the budget does not count.
+    A body takes bytes as they arrive, not what it declares: a client that announces a
+    large body and sends nothing holds nothing (four such clients held every batch of a
+    process up for their whole body timeout when a body took its declared length first;
+    room taken for each chunk before reading it, tried next, let a thousand do the same).
+    A chunk read while the budget is spent is held by its body until the body has room
+    for it.
     A body that finds the budget spent waits, first come first served, unless it is the
     oldest body being read: that one always goes on, so that the bodies under way always
     finish (none can wait for bytes that another waiting one holds). At most the budget
@@ -75,11 +72,6 @@ class Budget:
                 self._grant()  # those it kept waiting behind it may fit
             raise
         share.waiting = False
-
-    def _give_back(self, share: Share, size: int) -> None:
-        self._free += size
-        share.held -= size
-        self._grant()
 
     def _close(self, share: Share) -> None:
         self._open.pop(share, None)

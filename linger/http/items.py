@@ -83,15 +83,13 @@ class _Reader:
         self.read = 0
 
     async def chunk(self) -> bytes:
-        """The next chunk, b"" at the end of the body: its room in the budget is taken
-        before it is read, and what it did not fill given back."""
-        room = min(_CHUNK, self._limit + 1 - self.read)  # past the limit by a byte: 413
-        await self._share.take(room)
-        data = await self._request.content.read(room)
-        self._share.give_back(room - len(data))
+        """The next chunk, b"" at the end of the body, taken from the budget once it has
+        arrived (room taken before reading would let clients that send nothing hold it)."""
+        data = await self._request.content.read(_CHUNK)
         self.read += len(data)
         if self.read > self._limit:
             raise errors.MessageTooLarge(f"Request body is larger than {self._limit} bytes.")
+        await self._share.take(len(data))
         # Reading a buffered body does not yield: let other clients in between chunks.
         await asyncio.sleep(0)
         return data
