@@ -25,6 +25,16 @@ SHARED_BODY_MIN = 1024
 
 # A subscription's columns that a copy takes, after its channel.
 _SUBSCRIBED = ("channel", "priority", "timeout", "deliver", "linger", "delay", "dead")
+# The snapshot's arrays, one per column of _SUBSCRIBED, and their element types.
+_ARRAYS: tuple[tuple[str, Any], ...] = (
+    ("channels", sa.String),
+    ("priorities", sa.BigInteger),
+    ("timeouts", sa.BigInteger),
+    ("delivers", sa.BigInteger),
+    ("lingers", sa.BigInteger),
+    ("delays", sa.BigInteger),
+    ("deads", sa.String),
+)
 
 
 def _publish_stmt(*, snapshot: bool = False) -> sa.Insert:
@@ -34,8 +44,7 @@ def _publish_stmt(*, snapshot: bool = False) -> sa.Insert:
     ``_snapshot_arrays``), as a batch read them before its first copy."""
     now = param("now")
     if snapshot:
-        types = [sa.String] + [sa.BigInteger] * 5 + [sa.String]
-        arrays = [param(name, postgresql.ARRAY(t)) for name, t in zip(_ARRAYS, types, strict=True)]
+        arrays = [param(name, postgresql.ARRAY(type_)) for name, type_ in _ARRAYS]
         source: Any = sa.func.unnest(*arrays).table_valued(*_SUBSCRIBED).render_derived("subs")
         where: list[Any] = []
     else:
@@ -60,12 +69,8 @@ def _publish_stmt(*, snapshot: bool = False) -> sa.Insert:
     return sa.insert(m).from_select(list(INSERT_TYPES), rows)
 
 
-# The snapshot's arrays, one per column of _SUBSCRIBED.
-_ARRAYS = ("channels", "priorities", "timeouts", "delivers", "lingers", "delays", "deads")
-
-
 def _snapshot_arrays(subscribed: list[Row]) -> dict[str, list[Any]]:
-    return {name: [row[i] for row in subscribed] for i, name in enumerate(_ARRAYS)}
+    return {name: [row[i] for row in subscribed] for i, (name, _type) in enumerate(_ARRAYS)}
 
 
 @dataclass(slots=True)
@@ -130,12 +135,11 @@ class Topics:
             .returning(bodies.c.id)
         )
         self._publish = prepare(announced(_publish_stmt(), postgres=driver.postgres))
-        subscribers = (
+        self._subscribers = prepare(
             sa.select(s.c.channel)
             .where(s.c.topic == param("topic", sa.String))
             .order_by(s.c.channel)
         )
-        self._subscribers = prepare(subscribers)
         # A batch publish's subscriptions, read before its first copy. On PostgreSQL each
         # statement sees the subscriptions committed before it began: the batch copies
         # from what it read (channels and options), so that every message of it goes to
@@ -205,7 +209,7 @@ class Topics:
         stores nothing and raises ``MessageTooLarge``: one transaction holds the
         writer, on SQLite every other write, for as long as its copies take."""
         messages = [(m.body, m.content_type) for m in batch]
-        return await self._publish_all(topic, messages, hlm, most if len(batch) > 1 else 0)
+        return await self._publish_all(topic, messages, hlm, most)
 
     async def _publish_all(
         self, topic: str, messages: list[tuple[bytes, str]], hlm: int, most: int = 0
